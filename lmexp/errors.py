@@ -1,0 +1,40 @@
+"""User-facing errors: bad input becomes one clear line, never a traceback.
+
+Code anywhere in lmexp raises :class:`UserError` (or a subclass) for problems the user can fix: a bad
+config value, a missing file, a corrupt checkpoint. The entry points catch it, print one line that
+names the culprit, and exit non-zero. ``HYDRA_FULL_ERROR=1`` re-raises with the full traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names the file or key and what was expected."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))  # always one line
+
+
+class ConfigError(UserError):
+    """One or more config values are invalid; all problems are listed in one line."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class DataError(UserError):
+    """A corpus, split or cache file is missing, empty or malformed."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, truncated, or does not fit the run."""
+
+
+def full_errors_requested() -> bool:
+    """True when the user asked for full tracebacks, as Hydra does with ``HYDRA_FULL_ERROR=1``."""
+    return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
