@@ -1,0 +1,239 @@
+"""The language-model data module: corpus -> splits -> tokenizer -> packed token files -> loaders.
+
+Every expensive step is cached under ``cache_dir`` by a hash of what it depends on, built once under a
+file lock and renamed into place, so parallel runs and DDP ranks share the work safely:
+
+    corpora/<hash>/documents.txt   the generated built-in corpus (documents separated by blank lines)
+    tokenizers/<hash>/spm.model    the sentencepiece model trained on the training split
+    tokens/<hash>/<split>.bin      each split as one flat token stream (+ .json with counts)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from lmexp.cache import atomic_write_json, atomic_write_text, build_lock, files_digest, stable_hash
+from lmexp.data.corpus import GrammarConfig, build_grammar, generate_documents
+from lmexp.data.packing import TokenBlocks, load_token_file, split_documents, write_token_file
+from lmexp.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampler
+from lmexp.data.text import read_documents, resolve_paths
+from lmexp.data.tokenizer import Tokenizer, TokenizerConfig, train_or_load_tokenizer
+from lmexp.errors import ConfigError, DataError
+
+SOURCES = ("builtin", "text")
+
+
+class LanguageModelData(LightningDataModule):
+    """Packed fixed-length token blocks for causal language modelling.
+
+    Args:
+        source: ``builtin`` (the generated grammar corpus) or ``text`` (``path``).
+        block_size: tokens per training example.
+        batch_size: examples per batch on each device.
+        num_workers: DataLoader worker processes.
+        splits: fractions of documents for train/val/test when the split files are not given.
+        split_seed: seed of the document split.
+        n_documents, corpus_seed, grammar: the built-in corpus (``grammar`` overrides GrammarConfig).
+        path, val_path, test_path, text_field: the text source.
+        tokenizer: the sentencepiece settings.
+        cache_dir: where corpora, tokenizers and token files are cached.
+        seed: seed of the training order.
+    """
+
+    def __init__(
+        self,
+        source: str = "builtin",
+        block_size: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        splits: dict[str, float] | None = None,
+        split_seed: int = 0,
+        n_documents: int = 20_000,
+        corpus_seed: int = 0,
+        grammar: dict[str, Any] | None = None,
+        path: str | list[str] | None = None,
+        val_path: str | list[str] | None = None,
+        test_path: str | list[str] | None = None,
+        text_field: str = "text",
+        tokenizer: TokenizerConfig | None = None,
+        cache_dir: str | Path = "~/.cache/lmexp",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.splits = dict(splits or {"train": 0.9, "val": 0.05, "test": 0.05})
+        self.split_seed = split_seed
+        self.n_documents = n_documents
+        self.corpus_seed = corpus_seed
+        self.grammar_overrides = dict(grammar or {})
+        self.path, self.val_path, self.test_path = path, val_path, test_path
+        self.text_field = text_field
+        self.tokenizer_config = tokenizer or TokenizerConfig()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.seed = seed
+        self.tokenizer: Tokenizer | None = None
+        self.token_files: dict[str, Path] = {}
+        self.bpw_floor: float | None = None
+        self.datasets: dict[str, TokenBlocks] = {}
+        self.validate()
+
+    # ----------------------------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Check the settings without touching any file; raises ConfigError listing every problem."""
+        problems = []
+        if self.source not in SOURCES:
+            problems.append(f"data.source={self.source!r} is not one of {', '.join(SOURCES)}")
+        for key in ("block_size", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"data.{key}={value!r}: expected a positive integer")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            problems.append(f"data.num_workers={self.num_workers!r}: expected an integer >= 0")
+        if self.source == "builtin":
+            if not isinstance(self.n_documents, int) or self.n_documents < 3:
+                problems.append(f"data.n_documents={self.n_documents!r}: expected an integer >= 3")
+            try:
+                self.grammar_config()
+            except ConfigError as error:
+                problems.extend(error.problems)
+            except TypeError:
+                known = ", ".join(GrammarConfig.__dataclass_fields__)
+                problems.append(f"data.grammar has an unknown key (known: {known})")
+        if self.source == "text" and not self.path:
+            problems.append("data.path is not set: expected a file, directory or glob of .txt/.jsonl")
+        bad = {k: v for k, v in self.splits.items() if k not in ("train", "val", "test")}
+        if bad:
+            problems.append(f"data.splits has unknown split(s) {sorted(bad)}: expected train, val, test")
+        if problems:
+            raise ConfigError(problems)
+
+    def grammar_config(self) -> GrammarConfig:
+        return GrammarConfig(**self.grammar_overrides)
+
+    # ---------------------------------------------------------------------------------- prepare
+    def prepare(self) -> None:
+        """Build or load the corpus, tokenizer and token files (idempotent, safe across processes)."""
+        if self.tokenizer is not None:
+            return
+        documents, corpus_key = self._documents_by_split()
+        self.tokenizer = train_or_load_tokenizer(
+            documents["train"], corpus_key, self.tokenizer_config, self.cache_dir
+        )
+        token_key = stable_hash({"corpus": corpus_key, "tokenizer": files_digest([self.tokenizer.path])})
+        token_dir = self.cache_dir / "tokens" / token_key
+        for split, docs in documents.items():
+            target = token_dir / f"{split}.bin"
+            with build_lock(token_dir):
+                if not target.exists() or not target.with_suffix(".json").exists():
+                    write_token_file(docs, self.tokenizer, target)
+            self.token_files[split] = target
+
+    def prepare_data(self) -> None:
+        self.prepare()
+
+    def _documents_by_split(self) -> tuple[dict[str, list[str]], str]:
+        if self.source == "builtin":
+            documents, corpus_key = self._builtin_documents()
+            return self._split(documents, corpus_key), corpus_key
+        train_paths = resolve_paths(self.path, "data.path")
+        corpus_paths = list(train_paths)
+        documents = read_documents(train_paths, "data.path", self.text_field)
+        if self.val_path is None and self.test_path is None:
+            corpus_key = files_digest(corpus_paths)
+            return self._split(documents, corpus_key), corpus_key
+        by_split = {"train": documents}
+        for split, spec in (("val", self.val_path), ("test", self.test_path)):
+            if spec is not None:
+                paths = resolve_paths(spec, f"data.{split}_path")
+                corpus_paths += paths
+                by_split[split] = read_documents(paths, f"data.{split}_path", self.text_field)
+        if "val" not in by_split:
+            raise ConfigError("data.val_path is not set: with data.test_path, give a validation file too")
+        return by_split, files_digest(corpus_paths) + ":explicit"
+
+    def _split(self, documents: list[str], corpus_key: str) -> dict[str, list[str]]:
+        fractions = {k: v for k, v in self.splits.items() if v > 0}
+        indices = split_documents(len(documents), fractions, self.split_seed)
+        return {split: [documents[i] for i in idx] for split, idx in indices.items()}
+
+    def _builtin_documents(self) -> tuple[list[str], str]:
+        grammar_config = self.grammar_config()
+        key = stable_hash(
+            {"grammar": asdict(grammar_config), "n": self.n_documents, "seed": self.corpus_seed}
+        )
+        corpus_dir = self.cache_dir / "corpora" / key
+        text_file, meta_file = corpus_dir / "documents.txt", corpus_dir / "meta.json"
+        grammar = build_grammar(grammar_config)
+        self.bpw_floor = grammar.entropy_bits_per_word()
+        with build_lock(corpus_dir):
+            if not meta_file.exists():
+                documents = generate_documents(grammar, self.n_documents, self.corpus_seed)
+                atomic_write_text(text_file, "\n\n".join(documents) + "\n")
+                atomic_write_json(meta_file, {"n_documents": len(documents), "bpw_floor": self.bpw_floor})
+                return documents, key
+        documents = text_file.read_text(encoding="utf-8").strip("\n").split("\n\n")
+        if len(documents) != self.n_documents:
+            raise DataError(f"cached corpus {text_file} is damaged; delete {corpus_dir} and run again")
+        return documents, key
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+        if self.datasets:
+            return
+        mask = self.tokenizer.word_start_mask()
+        for split, path in self.token_files.items():
+            stream, _ = load_token_file(path)
+            try:
+                self.datasets[split] = TokenBlocks(stream, self.block_size, self.tokenizer.pad_id, mask)
+            except DataError as error:
+                raise DataError(f"{split} split: {error}") from None
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader_options(self) -> dict[str, Any]:
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        workers = self.num_workers
+        return {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0}
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        dataset = self.datasets["train"]
+        if len(dataset) // world < self.batch_size:
+            raise DataError(
+                f"train split has {len(dataset)} blocks of data.block_size={self.block_size}, fewer than "
+                f"one batch of data.batch_size={self.batch_size} per device; lower data.batch_size"
+            )
+        sampler = EpochShuffleSampler(len(dataset), self.seed, rank, world)
+        return ResumableLoader(dataset, sampler, self.batch_size, self._progress, **self._loader_options())
+
+    def _progress(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        rank, world = self._rank()
+        dataset = self.datasets[split]
+        sampler = ShardSampler(len(dataset), rank, world)
+        return DataLoader(dataset, sampler=sampler, batch_size=self.batch_size, **self._loader_options())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    @property
+    def has_test(self) -> bool:
+        return "test" in self.token_files
+

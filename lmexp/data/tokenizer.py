@@ -1,0 +1,303 @@
+"""Sentencepiece tokenizers: training from in-memory documents, a shared on-disk cache, and a thin wrapper.
+
+Every tokenizer has the same fixed special ids (pad 0, unk 1, bos 2, eos 3), keeps sentencepiece's default
+whitespace handling (``add_dummy_prefix``, whitespace collapsed to ``"▁"``) so each whitespace-separated
+word starts with a ``"▁"`` piece, which is what the bits-per-word metric counts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from lmexp.cache import atomic_write_json, build_lock, stable_hash
+from lmexp.errors import ConfigError, DataError
+
+PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+WORD_START = "\u2581"  # "▁", sentencepiece's marker for a preceding space
+KINDS = ("bpe", "unigram")
+MIN_VOCAB_SIZE = 64
+_N_BYTE_PIECES = 256
+_TRAINING_SEED = 1234  # sentencepiece samples lines beyond input_sentence_size; fixed for reproducibility
+# Sentencepiece silently drops training lines longer than max_sentence_length bytes, so long lines are cut
+# at whitespace into chunks of at most this many characters (4 UTF-8 bytes each at worst).
+_MAX_LINE_CHARS = 4096
+_MAX_SENTENCE_BYTES = 4 * _MAX_LINE_CHARS
+MODEL_FILE, VOCAB_FILE, META_FILE = "spm.model", "spm.vocab", "meta.json"
+
+
+@dataclass
+class TokenizerConfig:
+    """How to train a sentencepiece tokenizer; every field except ``num_threads`` is part of the cache key."""
+
+    kind: str = "bpe"
+    """Sentencepiece model type: ``"bpe"`` or ``"unigram"``."""
+    vocab_size: int = 4096
+    """Total number of pieces, including the 4 fixed specials, byte pieces and extra special tokens."""
+    character_coverage: float = 1.0
+    """Fraction of characters covered by the vocabulary; rarer characters go through byte fallback."""
+    byte_fallback: bool = True
+    """Encode characters outside the vocabulary as UTF-8 byte pieces instead of ``<unk>``."""
+    extra_special_tokens: list[str] = field(default_factory=list)
+    """Extra tokens (e.g. ``["[CLS]", "[SEP]", "[MASK]"]``) that always encode as one id, never split."""
+    max_training_sentences: int = 2_000_000
+    """Sentencepiece ``input_sentence_size``: lines beyond this many are sampled."""
+    num_threads: int = 0
+    """Threads for training and batch encoding; 0 means ``os.cpu_count()``."""
+
+    def __post_init__(self) -> None:
+        problems = _config_problems(self)
+        if problems:
+            raise ConfigError(problems)
+
+    def resolved_threads(self) -> int:
+        """The number of threads to use, with 0 resolved to the machine's CPU count."""
+        return self.num_threads or os.cpu_count() or 1
+
+
+def _config_problems(config: TokenizerConfig) -> list[str]:
+    """Every problem with ``config``, each naming its ``tokenizer.<field>`` key."""
+    problems: list[str] = []
+    if config.kind not in KINDS:
+        kinds = ", ".join(KINDS)
+        problems.append(f"tokenizer.kind={config.kind!r} is not supported; expected one of {kinds}")
+    if not isinstance(config.vocab_size, int) or config.vocab_size < MIN_VOCAB_SIZE:
+        problems.append(f"tokenizer.vocab_size={config.vocab_size!r} must be an integer >= {MIN_VOCAB_SIZE}")
+    elif config.byte_fallback and isinstance(config.extra_special_tokens, list):
+        needed = 4 + _N_BYTE_PIECES + len(config.extra_special_tokens) + 1
+        if config.vocab_size < needed:
+            problems.append(
+                f"tokenizer.vocab_size={config.vocab_size} is too small for tokenizer.byte_fallback=true "
+                f"(4 specials + 256 byte pieces + {len(config.extra_special_tokens)} extra tokens); "
+                f"use at least {needed}"
+            )
+    if not isinstance(config.character_coverage, (int, float)) or not 0 < config.character_coverage <= 1:
+        problems.append(f"tokenizer.character_coverage={config.character_coverage!r} must be in (0, 1]")
+    if not isinstance(config.byte_fallback, bool):
+        problems.append(f"tokenizer.byte_fallback={config.byte_fallback!r} must be true or false")
+    problems.extend(_special_token_problems(config.extra_special_tokens))
+    if not isinstance(config.max_training_sentences, int) or config.max_training_sentences < 1:
+        problems.append(f"tokenizer.max_training_sentences={config.max_training_sentences!r} must be >= 1")
+    if not isinstance(config.num_threads, int) or config.num_threads < 0:
+        problems.append(f"tokenizer.num_threads={config.num_threads!r} must be >= 0 (0 = all CPUs)")
+    return problems
+
+
+def _special_token_problems(tokens: object) -> list[str]:
+    """Problems with ``extra_special_tokens``: each must be a distinct, non-empty, whitespace-free string."""
+    key = "tokenizer.extra_special_tokens"
+    if not isinstance(tokens, list):
+        return [f"{key}={tokens!r} must be a list of strings"]
+    problems: list[str] = []
+    reserved = {PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE}
+    for token in tokens:
+        if not isinstance(token, str) or not token:
+            problems.append(f"{key}: {token!r} must be a non-empty string")
+        elif any(ch.isspace() for ch in token) or token.startswith(WORD_START):
+            # Whitespace becomes "▁" before matching, so such a token could never be found in text.
+            problems.append(f"{key}: {token!r} must not contain whitespace or start with {WORD_START!r}")
+        elif token in reserved:
+            problems.append(f"{key}: {token!r} is already a built-in special token")
+    duplicates = sorted({t for t in tokens if isinstance(t, str) and tokens.count(t) > 1})
+    if duplicates:
+        problems.append(f"{key}: duplicate tokens {duplicates}")
+    return problems
+
+
+class Tokenizer:
+    """Thin wrapper over a trained SentencePieceProcessor."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor, path: Path, num_threads: int = 0) -> None:
+        self._sp = processor
+        self.path = Path(path)
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self.vocab_size: int = processor.get_piece_size()
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
+    @classmethod
+    def load(cls, path: Path, num_threads: int = 0) -> Tokenizer:
+        """Load a ``.model`` file; :class:`DataError` if it is missing, unreadable or has other specials."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"tokenizer: {path} does not exist; expected a sentencepiece .model file")
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.Load(model_file=str(path))
+        except (OSError, RuntimeError) as err:
+            reason = _one_line(err)
+            raise DataError(f"tokenizer: {path} is not a sentencepiece model ({reason})") from None
+        found = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
+        if found != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+            raise DataError(
+                f"tokenizer: {path} has special ids pad,unk,bos,eos={found}; expected (0, 1, 2, 3) "
+                "as trained by lmexp"
+            )
+        return cls(processor, path, num_threads)
+
+    def special_id(self, piece: str) -> int:
+        """The id of an extra special token; raises :class:`ConfigError` if the vocabulary lacks it."""
+        token_id = self._sp.piece_to_id(piece)
+        if token_id == self.unk_id and piece != UNK_PIECE:
+            raise ConfigError(
+                f"tokenizer.extra_special_tokens: {piece!r} is not in the vocabulary of {self.path}; "
+                "add it to tokenizer.extra_special_tokens and retrain"
+            )
+        return token_id
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no bos/eos), encoded by sentencepiece's thread pool."""
+        return self._sp.encode(list(texts), num_threads=self.num_threads)
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        """The text for ``ids``; control tokens (pad, bos, eos) decode to nothing."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary piece of ``token_id``."""
+        return self._sp.id_to_piece(int(token_id))
+
+    def word_start_mask(self) -> np.ndarray:
+        """bool[vocab_size]: True for pieces that begin a whitespace-separated word (start with ``"▁"``).
+
+        Control, unknown and byte pieces are False, and extra special tokens cannot start with ``"▁"``.
+        """
+        sp = self._sp
+        mask = np.zeros(self.vocab_size, dtype=bool)
+        for i in range(self.vocab_size):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+                continue
+            mask[i] = sp.id_to_piece(i).startswith(WORD_START)
+        return mask
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def tokenizer_cache_dir(corpus_key: str, config: TokenizerConfig, cache_dir: Path) -> Path:
+    """The cache directory for a tokenizer of ``corpus_key`` trained with ``config``."""
+    key_config = asdict(config)
+    del key_config["num_threads"]  # threads change speed, not the result we want to share across machines
+    return Path(cache_dir) / "tokenizers" / stable_hash({"corpus": corpus_key, "config": key_config})
+
+
+def train_or_load_tokenizer(
+    documents: list[str], corpus_key: str, config: TokenizerConfig, cache_dir: Path
+) -> Tokenizer:
+    """Load the cached tokenizer for (``corpus_key``, ``config``), training and caching it first if needed.
+
+    Concurrent callers serialise on a lock; the model file is moved into place last, so a reader that sees
+    ``spm.model`` sees a finished tokenizer.
+    """
+    directory = tokenizer_cache_dir(corpus_key, config, cache_dir)
+    model_path = directory / MODEL_FILE
+    threads = config.resolved_threads()
+    if model_path.is_file():
+        return Tokenizer.load(model_path, threads)
+    with build_lock(directory):
+        if not model_path.is_file():  # another process may have finished it while we waited
+            _build(documents, corpus_key, config, directory)
+    return Tokenizer.load(model_path, threads)
+
+
+def _build(documents: list[str], corpus_key: str, config: TokenizerConfig, directory: Path) -> None:
+    """Train into a temporary directory inside ``directory``, then move the files in, model last."""
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=directory))
+    try:
+        n_lines = _train(documents, corpus_key, config, tmp / "spm")
+        meta = {
+            "corpus": corpus_key,
+            "config": asdict(config),
+            "n_training_lines": n_lines,
+            "sentencepiece_version": spm.__version__,
+        }
+        atomic_write_json(tmp / META_FILE, meta)
+        for name in (VOCAB_FILE, META_FILE, MODEL_FILE):
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _train(documents: list[str], corpus_key: str, config: TokenizerConfig, prefix: Path) -> int:
+    """Train sentencepiece on the lines of ``documents``, writing ``prefix``.model/.vocab; returns #lines."""
+    n_lines = sum(1 for _ in _training_lines(documents))
+    if n_lines == 0:
+        raise DataError(f"tokenizer: corpus {corpus_key} has no non-empty lines to train on")
+    spm.set_random_generator_seed(_TRAINING_SEED)
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=_training_lines(documents),
+            model_prefix=str(prefix),
+            model_type=config.kind,
+            vocab_size=config.vocab_size,
+            character_coverage=config.character_coverage,
+            byte_fallback=config.byte_fallback,
+            user_defined_symbols=list(config.extra_special_tokens),
+            input_sentence_size=config.max_training_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            num_threads=config.resolved_threads(),
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_piece=PAD_PIECE,
+            unk_piece=UNK_PIECE,
+            bos_piece=BOS_PIECE,
+            eos_piece=EOS_PIECE,
+            add_dummy_prefix=True,
+            minloglevel=2,  # training logs pages of progress to stderr; errors still raise
+        )
+    except RuntimeError as err:
+        raise _training_error(err, config) from None
+    return n_lines
+
+
+def _training_lines(documents: list[str]) -> Iterator[str]:
+    """Non-empty lines of every document, long lines cut at whitespace so sentencepiece keeps them."""
+    for document in documents:
+        for line in document.split("\n"):
+            if not line.strip():
+                continue
+            while len(line) > _MAX_LINE_CHARS:
+                cut = line.rfind(" ", 0, _MAX_LINE_CHARS)
+                cut = cut if cut > 0 else _MAX_LINE_CHARS
+                yield line[:cut]
+                line = line[cut:]
+            if line.strip():
+                yield line
+
+
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+def _training_error(err: RuntimeError, config: TokenizerConfig) -> Exception:
+    """Turn a sentencepiece training failure into a one-line user error."""
+    message = str(err)
+    if match := _TOO_HIGH.search(message):
+        return ConfigError(
+            f"tokenizer.vocab_size={config.vocab_size} is larger than this corpus supports "
+            f"(at most {match.group(2)}); lower tokenizer.vocab_size"
+        )
+    if match := _TOO_SMALL.search(message):
+        return ConfigError(
+            f"tokenizer.vocab_size={config.vocab_size} is smaller than the {match.group(2)} pieces this "
+            "corpus needs (specials, byte pieces and characters); raise tokenizer.vocab_size or lower "
+            "tokenizer.character_coverage"
+        )
+    return DataError(f"tokenizer: sentencepiece training failed: {_one_line(err)}")
+
+
+def _one_line(err: BaseException) -> str:
+    """The exception's message without sentencepiece's ``INTERNAL: file.cc(123) [...]`` prefix."""
+    text = " ".join(str(err).split())
+    return re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", text) or type(err).__name__

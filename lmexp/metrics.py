@@ -1,0 +1,54 @@
+"""Language-model metrics, accumulated with torchmetrics so that they sync across DDP ranks.
+
+Per split: ``loss`` (mean NLL per predicted token, nats, token-weighted across batches and ranks),
+``ppl`` (exp of that loss), ``acc`` (next-token accuracy over the real vocabulary) and ``bpw`` (bits
+per word: summed NLL in bits over the split divided by the number of whitespace-separated words
+predicted). The NLL is the model's own over its padded vocabulary, exactly what training minimises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics import MeanMetric, Metric, MetricCollection, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+IGNORE_INDEX = -100
+
+
+class LanguageModelMetrics(torch.nn.Module):
+    """Metrics of one split, updated from logits, labels and the number of words in the batch."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        metrics: dict[str, Metric] = {
+            "loss": MeanMetric(),
+            "acc": MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX),
+            "nll_sum": SumMetric(),
+            "words": SumMetric(),
+        }
+        self.metrics = MetricCollection(metrics, compute_groups=False)
+        self.vocab_size = vocab_size
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, nll_sum: torch.Tensor, n_words: torch.Tensor):
+        """Add a batch: ``logits`` (B, T, V'), ``labels`` (B, T), its summed NLL and word count."""
+        logits = logits[..., : self.vocab_size]  # drop padded vocabulary rows; they are never targets
+        n_tokens = (labels != IGNORE_INDEX).sum()
+        self.metrics["loss"].update(nll_sum / n_tokens.clamp(min=1), weight=n_tokens)
+        self.metrics["acc"].update(logits.argmax(dim=-1).flatten(), labels.flatten())
+        self.metrics["nll_sum"].update(nll_sum)
+        self.metrics["words"].update(n_words.sum())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The split's metrics; ``bpw`` only when words were counted."""
+        values = self.metrics.compute()
+        out = {"loss": values["loss"], "acc": values["acc"]}
+        out["ppl"] = torch.exp(values["loss"])
+        if values["words"] > 0:
+            out["bpw"] = values["nll_sum"] / math.log(2) / values["words"]
+        return out
+
+    def reset(self) -> None:
+        self.metrics.reset()

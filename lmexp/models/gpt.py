@@ -1,0 +1,235 @@
+"""A GPT-2-style decoder-only language model in one file: config, presets and model.
+
+Layout and parameter names follow Hugging Face's ``GPT2LMHeadModel`` one to one, so an exporter only has
+to rename (and transpose the Conv1D weights)::
+
+    tok_emb            -> transformer.wte        blocks.{i}.attn.qkv  -> transformer.h.{i}.attn.c_attn
+    pos_emb            -> transformer.wpe        blocks.{i}.attn.proj -> transformer.h.{i}.attn.c_proj
+    blocks.{i}.ln1     -> transformer.h.{i}.ln_1 blocks.{i}.mlp.fc    -> transformer.h.{i}.mlp.c_fc
+    blocks.{i}.ln2     -> transformer.h.{i}.ln_2 blocks.{i}.mlp.proj  -> transformer.h.{i}.mlp.c_proj
+    ln_f               -> transformer.ln_f       lm_head              -> lm_head
+
+Shape legend: B = batch, T = sequence length, C = n_embd, V = padded vocabulary size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmexp.errors import ConfigError
+from lmexp.models.layers import Block, init_weights, scale_residual_projections
+
+INIT_STD = 0.02  # GPT-2's initializer_range
+MLP_RATIO = 4  # GPT-2's MLP width is 4 * n_embd; fixed so exported checkpoints load in HF
+
+# Named sizes; YAML configs carry the same numbers. Use with ``GPTConfig.from_preset``.
+GPT_PRESETS: dict[str, dict[str, Any]] = {
+    "nano": dict(n_layer=4, n_head=4, n_embd=128),
+    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, max_seq_len=1024),
+}
+
+# Run-time type of each field, checked in __post_init__ because Hydra/CLI overrides can deliver e.g. a
+# str where an int is expected and a dataclass does not check its annotations.
+_INT, _FLOAT, _BOOL, _STR = "int", "float", "bool", "str"
+_FIELD_TYPES: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
+    "n_layer": (_INT, False),
+    "n_head": (_INT, False),
+    "n_embd": (_INT, False),
+    "max_seq_len": (_INT, False),
+    "vocab_size": (_INT, True),
+    "pad_vocab_to_multiple": (_INT, False),
+    "dropout": (_FLOAT, False),
+    "bias": (_BOOL, False),
+    "tie_embeddings": (_BOOL, False),
+    "layer_norm_eps": (_FLOAT, False),
+    "name": (_STR, False),
+}
+
+
+def _type_problem(field: str, value: Any, kind: str, optional: bool) -> str | None:
+    """Describe why ``value`` is not of ``kind``, or None if it is. bool is never accepted as a number."""
+    if value is None:
+        return None if optional else f"model.{field}=None: expected {'an' if kind == _INT else 'a'} {kind}"
+    if kind == _INT:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == _FLOAT:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind == _BOOL:
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if ok:
+        return None
+    article = "an" if kind == _INT else "a"
+    expected = f"{article} {kind}" + (" or null" if optional else "")
+    return f"model.{field}={value!r}: expected {expected}, got {type(value).__name__}"
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a :class:`GPT`. Validated on construction; all problems are reported together."""
+
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide ``n_embd``."""
+    n_embd: int = 128
+    """Model width (embedding and residual-stream size)."""
+    max_seq_len: int = 256
+    """Number of learned position embeddings; ``data.block_size`` must not exceed it."""
+    vocab_size: int | None = None
+    """Tokenizer vocabulary size. None means "the tokenizer's": the caller fills it in before ``build()``."""
+    pad_vocab_to_multiple: int = 64
+    """Embedding rows are padded up to a multiple of this for matmul efficiency (1 = no padding). Padded
+    ids never occur as inputs or targets, so training pushes their logits down; slice logits to
+    ``[..., :vocab_size]`` before sampling."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and residual branches, in [0, 1)."""
+    bias: bool = True
+    """Biases in Linear layers and LayerNorms (GPT-2 has them)."""
+    tie_embeddings: bool = True
+    """Share one matrix between the token embedding and the output layer (GPT-2 does)."""
+    layer_norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm."""
+    name: str = "gpt"
+    """Informational label for logs and run names."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        bad_type: set[str] = set()
+        for field, (kind, optional) in _FIELD_TYPES.items():
+            value = getattr(self, field)
+            problem = _type_problem(field, value, kind, optional)
+            if problem is not None:
+                problems.append(problem)
+                bad_type.add(field)
+            elif kind == _FLOAT and value is not None:
+                setattr(self, field, float(value))  # normalise ints given for floats (e.g. dropout=0)
+
+        def ok(*names: str) -> bool:
+            return not bad_type.intersection(names)
+
+        for field in ("n_layer", "n_head", "n_embd", "max_seq_len", "pad_vocab_to_multiple"):
+            if ok(field) and getattr(self, field) < 1:
+                problems.append(f"model.{field}={getattr(self, field)}: expected an int >= 1")
+        if ok("vocab_size") and self.vocab_size is not None and self.vocab_size < 1:
+            problems.append(f"model.vocab_size={self.vocab_size}: expected an int >= 1 or null")
+        if ok("n_embd", "n_head") and self.n_embd >= 1 and self.n_head >= 1 and self.n_embd % self.n_head:
+            problems.append(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if ok("dropout") and not 0.0 <= self.dropout < 1.0:
+            problems.append(f"model.dropout={self.dropout}: expected a float in [0, 1)")
+        if ok("layer_norm_eps") and not self.layer_norm_eps > 0.0:
+            problems.append(f"model.layer_norm_eps={self.layer_norm_eps}: expected a float > 0")
+        if problems:
+            raise ConfigError(problems)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> GPTConfig:
+        """A config from a named size in :data:`GPT_PRESETS`, with ``overrides`` applied on top."""
+        if preset not in GPT_PRESETS:
+            raise ConfigError(f"model preset {preset!r} is unknown; expected one of {sorted(GPT_PRESETS)}")
+        return cls(**{"name": preset, **GPT_PRESETS[preset], **overrides})
+
+    def _require_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ConfigError(
+                "model.vocab_size is not set: expected the tokenizer's vocabulary size to be filled in "
+                "before the model is built"
+            )
+        return self.vocab_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """``vocab_size`` rounded up to a multiple of ``pad_vocab_to_multiple``."""
+        vocab_size, multiple = self._require_vocab_size(), self.pad_vocab_to_multiple
+        return -(-vocab_size // multiple) * multiple
+
+    def build(self) -> GPT:
+        """Construct the model (on the current default device, e.g. inside ``with torch.device("meta")``)."""
+        self._require_vocab_size()
+        return GPT(self)
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters of the built model, computed without building it."""
+        C, V = self.n_embd, self.padded_vocab_size
+        bias = int(self.bias)
+        layer_norm = C + bias * C
+        attn = (C * 3 * C + bias * 3 * C) + (C * C + bias * C)
+        hidden = MLP_RATIO * C
+        mlp = (C * hidden + bias * hidden) + (hidden * C + bias * C)
+        block = 2 * layer_norm + attn + mlp
+        embeddings = V * C + self.max_seq_len * C
+        lm_head = 0 if self.tie_embeddings else V * C  # lm_head never has a bias
+        return embeddings + self.n_layer * block + layer_norm + lm_head
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields (for logging and checkpoints)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer LM: token + learned position embeddings, pre-LN causal blocks, tied head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        C, V = config.n_embd, config.padded_vocab_size  # padded_vocab_size fails if vocab_size is unset
+        self.tok_emb = nn.Embedding(V, C)
+        self.pos_emb = nn.Embedding(config.max_seq_len, C)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(
+                n_embd=C,
+                n_head=config.n_head,
+                dropout=config.dropout,
+                bias=config.bias,
+                causal=True,
+                norm_first=True,
+                mlp_ratio=MLP_RATIO,
+                layer_norm_eps=config.layer_norm_eps,
+                gelu_approximate="tanh",  # GPT-2's gelu_new
+            )
+            for _ in range(config.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_eps, bias=config.bias)
+        self.lm_head = nn.Linear(C, V, bias=False)
+        if config.tie_embeddings:
+            # Same Parameter object: one matrix, one gradient, counted once by parameters().
+            self.lm_head.weight = self.tok_emb.weight
+
+        self.apply(partial(init_weights, std=INIT_STD))
+        scale_residual_projections(self, config.n_layer, std=INIT_STD)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits for every position.
+
+        Args:
+            input_ids: Token ids of shape (B, T) with T <= ``config.max_seq_len``.
+
+        Returns:
+            Logits of shape (B, T, V) with V = ``config.padded_vocab_size``; position t predicts token t+1.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise ConfigError(
+                f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}: expected "
+                "data.block_size (or the generation context) <= model.max_seq_len"
+            )
+        positions = torch.arange(T, device=input_ids.device)  # (T,)
+        x = self.tok_emb(input_ids) + self.pos_emb(positions)  # (B, T, C): (T, C) broadcasts over B
+        x = self.drop(x)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)  # (B, T, C)
+        x = self.ln_f(x)  # (B, T, C)
+        return self.lm_head(x)  # (B, T, V)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of distinct parameters (a tied matrix counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

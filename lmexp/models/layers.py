@@ -1,0 +1,230 @@
+"""Transformer layers shared by the models: attention, MLP, block, weight init and optimizer groups.
+
+The layers are written once for both decoder (GPT: causal, pre-LN) and encoder (BERT: bidirectional with a
+padding mask, post-LN) models. Parameter names (``qkv``, ``proj``, ``fc``, ``ln1``, ``ln2``) are kept short
+and stable because checkpoint exporters map them onto Hugging Face names.
+
+Shape legend: B = batch, T = sequence length, C = n_embd, H = n_head, D = C // H (head size).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Attribute set on the Linear layers whose output is added straight into the residual stream. Their init
+# is scaled down with depth (GPT-2 paper, section 2.3) so the residual stream's variance does not grow
+# with the number of layers; see :func:`scale_residual_projections`.
+RESIDUAL_PROJECTION_ATTR = "is_residual_projection"
+
+
+def mark_residual_projection(linear: nn.Linear) -> nn.Linear:
+    """Flag ``linear`` as a residual projection for :func:`scale_residual_projections`; returns it."""
+    setattr(linear, RESIDUAL_PROJECTION_ATTR, True)
+    return linear
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, using PyTorch's fused SDPA kernels.
+
+    Args:
+        n_embd: Model width C.
+        n_head: Number of heads H; must divide ``n_embd``.
+        dropout: Dropout on the attention probabilities (training only) and on the output.
+        bias: Whether the two Linear layers have biases.
+        causal: If True each position attends only to itself and earlier positions (decoder); if False
+            attention is bidirectional and an optional ``attn_mask`` may hide positions (encoder padding).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, causal: bool) -> None:
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+        self.n_embd = n_embd
+        self.n_head = n_head
+        self.causal = causal
+        self.attn_dropout = dropout
+        # One matmul for q, k and v instead of three; the output is split along the last dim.
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = mark_residual_projection(nn.Linear(n_embd, n_embd, bias=bias))
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend over ``x`` of shape (B, T, C); returns (B, T, C).
+
+        Args:
+            x: Input activations.
+            attn_mask: Only for non-causal attention. Boolean (True = may attend) or additive float mask
+                broadcastable to (B, H, T, T), e.g. a padding mask of shape (B, 1, 1, T).
+        """
+        if self.causal and attn_mask is not None:
+            # SDPA cannot combine is_causal with an explicit mask; a decoder never needs both here.
+            raise ValueError("attn_mask is only supported for non-causal attention")
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            # SDPA's dropout_p applies regardless of mode, so switch it off outside training.
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=self.causal,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: Linear -> GELU -> Linear -> dropout.
+
+    Args:
+        n_embd: Model width C.
+        hidden: Hidden width (usually 4 * C).
+        dropout: Dropout on the output.
+        bias: Whether the Linear layers have biases.
+        gelu_approximate: ``"tanh"`` matches GPT-2's ``gelu_new`` (HF); ``"none"`` is the exact erf GELU
+            that BERT checkpoints use.
+    """
+
+    def __init__(
+        self, n_embd: int, hidden: int, dropout: float, bias: bool, gelu_approximate: str = "tanh"
+    ) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.act = nn.GELU(approximate=gelu_approximate)
+        self.proj = mark_residual_projection(nn.Linear(hidden, n_embd, bias=bias))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, T, C) to (B, T, C)."""
+        h = self.act(self.fc(x))  # (B, T, hidden)
+        return self.dropout(self.proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """One transformer layer: self-attention and MLP, each with a residual connection and a LayerNorm.
+
+    Args:
+        n_embd: Model width C.
+        n_head: Number of attention heads.
+        dropout: Dropout used inside attention and after each sub-layer.
+        bias: Biases in the Linear layers and LayerNorms.
+        causal: Causal (decoder) or bidirectional (encoder) attention.
+        norm_first: Pre-LN ``x + f(ln(x))`` as in GPT-2 (stable without warm-up tricks) if True;
+            post-LN ``ln(x + f(x))`` as in the original Transformer and BERT if False.
+        mlp_ratio: MLP hidden width as a multiple of ``n_embd``.
+        layer_norm_eps: Epsilon of both LayerNorms.
+        gelu_approximate: GELU variant of the MLP, see :class:`MLP`.
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        dropout: float,
+        bias: bool,
+        causal: bool,
+        norm_first: bool = True,
+        mlp_ratio: int = 4,
+        layer_norm_eps: float = 1e-5,
+        gelu_approximate: str = "tanh",
+    ) -> None:
+        super().__init__()
+        self.norm_first = norm_first
+        self.ln1 = nn.LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
+        self.attn = SelfAttention(n_embd, n_head, dropout, bias, causal)
+        self.ln2 = nn.LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
+        self.mlp = MLP(n_embd, mlp_ratio * n_embd, dropout, bias, gelu_approximate)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Map (B, T, C) to (B, T, C); ``attn_mask`` is passed to :class:`SelfAttention`."""
+        if self.norm_first:
+            x = x + self.attn(self.ln1(x), attn_mask)  # (B, T, C)
+            x = x + self.mlp(self.ln2(x))  # (B, T, C)
+        else:
+            x = self.ln1(x + self.attn(x, attn_mask))  # (B, T, C)
+            x = self.ln2(x + self.mlp(x))  # (B, T, C)
+        return x
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2/BERT-style init of one module; use as ``model.apply(partial(init_weights, std=std))``.
+
+    Linear and Embedding weights ~ N(0, std), biases zero, norm layers at identity (weight 1, bias 0).
+    Other modules are left alone.
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def residual_init_std(std: float, n_layer: int) -> float:
+    """Init std for residual projections: ``std / sqrt(2 * n_layer)`` (two residual adds per layer)."""
+    return std / math.sqrt(2 * n_layer)
+
+
+def scale_residual_projections(model: nn.Module, n_layer: int, std: float = 0.02) -> int:
+    """Re-initialise every Linear flagged by :func:`mark_residual_projection` with the scaled std.
+
+    Call after :func:`init_weights`. Returns the number of layers re-initialised.
+    """
+    scaled_std = residual_init_std(std, n_layer)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and getattr(module, RESIDUAL_PROJECTION_ATTR, False):
+            nn.init.normal_(module.weight, mean=0.0, std=scaled_std)
+            count += 1
+    return count
+
+
+def decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay only on the (>= 2-d) weights of ``nn.Linear`` layers.
+
+    Biases, norm weights and embeddings are not decayed: shrinking them towards zero does not regularise
+    anything useful and, for norms, fights their identity init. A parameter shared between an Embedding
+    and a Linear (a tied lm_head) counts as an embedding, and every parameter appears exactly once.
+    Frozen parameters (``requires_grad=False``) are left out.
+
+    Returns:
+        ``[{"name": "decay", "params": [...], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": [...], "weight_decay": 0.0}]``; both groups are always present
+        (possibly empty) so callers can rely on the order and names.
+    """
+    linear_weights: set[int] = set()
+    embedding_weights: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.dim() >= 2:
+            linear_weights.add(id(module.weight))
+        elif isinstance(module, nn.Embedding):
+            embedding_weights.add(id(module.weight))
+
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    # named_parameters() yields a shared (tied) parameter only once.
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in linear_weights and id(param) not in embedding_weights:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]

@@ -1,0 +1,36 @@
+"""The short summary printed at the end of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+ROWS = (
+    ("val/loss", "val loss (nats/token)", "{:.4f}"),
+    ("val/ppl", "val perplexity", "{:.2f}"),
+    ("val/acc", "val next-token accuracy", "{:.2%}"),
+    ("val/bpw", "val bits per word", "{:.3f}"),
+    ("val/bpw_floor", "floor (corpus entropy)", "{:.3f}"),
+    ("test/loss", "test loss", "{:.4f}"),
+    ("test/ppl", "test perplexity", "{:.2f}"),
+    ("perf/tokens_per_sec", "training tokens/s", "{:,.0f}"),
+)
+
+
+def print_summary(metrics: dict[str, float], run_dir: Path, cfg: DictConfig) -> None:
+    """A table of the headline metrics and where the run's files are."""
+    table = Table(title="lmexp run summary", show_header=False, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label, fmt in ROWS:
+        if key in metrics:
+            table.add_row(label, fmt.format(metrics[key]))
+    if "val/bpw" in metrics and "val/bpw_floor" in metrics:
+        table.add_row("gap to floor (bits/word)", f"{metrics['val/bpw'] - metrics['val/bpw_floor']:.3f}")
+    table.add_row("steps", f"{int(metrics.get('perf/global_step', 0))}")
+    console = Console()
+    console.print(table)
+    console.print(f"run dir: {run_dir}  (metrics.json, checkpoints/, .hydra/config.yaml)")

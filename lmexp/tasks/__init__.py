@@ -1,0 +1,1 @@
+"""Tasks: one LightningModule per objective (loss, metrics, optimizer groups) around a plain model."""

@@ -1,0 +1,141 @@
+"""Causal language modelling as a LightningModule: next-token loss, metrics and optimizer groups.
+
+The model is any ``nn.Module`` mapping ``input_ids`` (B, T) to logits (B, T, V'); this module owns the
+objective, the metrics (lmexp/metrics.py) and the optimizer, and nothing about data or logging.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+
+from lmexp.metrics import IGNORE_INDEX, LanguageModelMetrics
+from lmexp.models.layers import decay_parameter_groups
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class CausalLMTask(LightningModule):
+    """Trains ``model`` to predict every next token of packed token blocks.
+
+    Args:
+        model: plain ``nn.Module``, ``input_ids`` (B, T) -> logits (B, T, V').
+        optimizer: a partial optimizer (``optim/`` config) called with the parameter groups.
+        scheduler: a partial LR scheduler (``scheduler/`` config) stepped once per optimizer step.
+        vocab_size: the tokenizer's vocabulary size (V' may be padded above it).
+        compile: compile the model with ``torch.compile`` when the trainer sets it up.
+        bpw_floor: the corpus's entropy in bits per word, logged next to ``val/bpw`` when known.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        vocab_size: int | None = None,
+        compile: bool = False,
+        bpw_floor: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.compile_model = compile
+        self.bpw_floor = bpw_floor
+        vocab_size = vocab_size or model.config.vocab_size
+        self.train_metrics = LanguageModelMetrics(vocab_size)
+        self.val_metrics = LanguageModelMetrics(vocab_size)
+        self.test_metrics = LanguageModelMetrics(vocab_size)
+        # Saved into every checkpoint (resolved config, tokenizer, logger ids): lets eval, generate,
+        # export and resume rebuild the run from the checkpoint alone.
+        self.checkpoint_extras: dict[str, Any] = {}
+        self.flops_per_batch: float | None = None  # read by ThroughputMonitor; MFU needs it
+
+    # ----------------------------------------------------------------------------------------- steps
+    def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.model(batch["input_ids"])  # (B, T, V')
+        labels = batch["labels"]  # (B, T), IGNORE_INDEX at padding
+        nll_sum = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        n_tokens = (labels != IGNORE_INDEX).sum()
+        return logits, nll_sum, n_tokens
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits, nll_sum, n_tokens = self._nll(batch)
+        self.train_metrics.update(logits.detach(), batch["labels"], nll_sum.detach(), batch["n_words"])
+        return nll_sum / n_tokens.clamp(min=1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Train metrics are averaged over each logging window and computed only then, so the step
+        # itself never waits on a host sync.
+        trainer = self.trainer
+        if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
+            return
+        values = self.train_metrics.compute()
+        self.train_metrics.reset()
+        self.log("train/loss", values.pop("loss"), prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in values.items()})
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits, nll_sum, _ = self._nll(batch)
+        self.val_metrics.update(logits, batch["labels"], nll_sum, batch["n_words"])
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits, nll_sum, _ = self._nll(batch)
+        self.test_metrics.update(logits, batch["labels"], nll_sum, batch["n_words"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test")
+
+    def _log_split(self, split: str) -> None:
+        metrics = getattr(self, f"{split}_metrics")
+        values = metrics.compute()  # synced across ranks by torchmetrics
+        metrics.reset()
+        logged = {f"{split}/{k}": v for k, v in values.items()}
+        if self.bpw_floor is not None and "bpw" in values:
+            logged[f"{split}/bpw_floor"] = torch.tensor(self.bpw_floor)
+        self.log_dict(logged, prog_bar=split == "val")
+
+    # ------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        groups = decay_parameter_groups(self.model, keywords.get("weight_decay", 0.0))
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_model(self) -> None:
+        # Compile in place (nn.Module.compile) so parameter names, and so checkpoints, stay the same.
+        if self.compile_model and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lmexp"] = dict(self.checkpoint_extras)
+        # Random states, so that a resumed run draws the same dropout masks as one never stopped.
+        checkpoint["lmexp"]["rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("lmexp", {}).get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])

@@ -1,0 +1,86 @@
+"""Shared fixtures: compose the real ``conf/train.yaml`` with tiny settings, isolate caches and W&B."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from lmexp.cli import config_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A run of a few seconds on 2 CPU cores; tests add what they need on top.
+TINY = [
+    "debug=fast",
+    "logger=[csv,wandb]",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb_home = tmp_path_factory.mktemp("wandb-home")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never reach the network from tests
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(wandb_home))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(wandb_home))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(wandb_home))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data cache for the whole session, so the tiny corpus and tokenizer are built once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def make_config(run_dir: Path, cache: Path, *overrides: str) -> DictConfig:
+    """Compose conf/train.yaml as the CLI would, with ``run_dir`` as Hydra's output dir."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[*TINY, f"paths.cache_dir={cache}", *overrides],
+            return_hydra_config=True,
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def config(tmp_path: Path, cache_dir: Path):
+    """``config(*overrides, run_dir=...)`` -> a composed config writing into a fresh run dir."""
+
+    def _make(*overrides: str, run_dir: Path | None = None) -> DictConfig:
+        return make_config(run_dir or tmp_path / "run", cache_dir, *overrides)
+
+    return _make
+
+
+@pytest.fixture
+def cli(tmp_path: Path, cache_dir: Path):
+    """``cli("lmexp.train", *overrides)`` runs ``python -m ...`` as a user would, in a fresh directory."""
+
+    def _run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "LMEXP_CACHE_DIR": str(cache_dir), **(env or {})}
+        return subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=tmp_path,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return _run
