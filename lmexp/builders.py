@@ -34,8 +34,10 @@ def build_config_object(node: DictConfig, key: str, **overrides: Any) -> Any:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
-                [f"{key}.{name} is not a setting of {target.__name__} (known: {', '.join(sorted(known))})"
-                 for name in unknown]
+                [
+                    f"{key}.{name} is not a setting of {target.__name__} (known: {', '.join(sorted(known))})"
+                    for name in unknown
+                ]
             )
     return target(**values)
 
@@ -140,8 +142,15 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"ckpt_path={path} is not a readable checkpoint ({reason[:160]})") from None
+        if "Weights only load failed" in str(error):
+            raise CheckpointError(
+                f"ckpt_path={path} is not an lmexp checkpoint (it holds objects other than tensors and "
+                "plain data, which lmexp never writes)"
+            ) from None
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(
+            f"ckpt_path={path} is not a readable checkpoint (truncated or not a PyTorch file: {reason[:120]})"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "lmexp" not in checkpoint:
         raise CheckpointError(f"ckpt_path={path} is not an lmexp checkpoint (no model state or run info)")
     return checkpoint
@@ -235,7 +244,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
-
 def collect_metrics(
     trainer: Any, results: dict[str, Any], callbacks: list[Any], datamodule: Any
 ) -> dict[str, float]:
@@ -267,15 +275,15 @@ def finish(
             if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
                 logger.experiment.summary.update(metrics)
         print_summary(metrics, run_dir, cfg)
-    _close_loggers(trainer)
+    close_loggers(trainer.loggers)
     return metrics
 
 
-def _close_loggers(trainer: Any) -> None:
-    for logger in trainer.loggers:
-        logger.finalize("success")
-    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+def close_loggers(loggers: list[Any], status: str = "success") -> None:
+    """Finalize every logger; finish the W&B run so a later job in this process starts its own."""
+    for logger in loggers:
+        logger.finalize(status)
+    if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
         import wandb
 
-        wandb.finish()  # a second Hydra job in this process must not reuse this run
-
+        wandb.finish(exit_code=0 if status == "success" else 1)

@@ -46,6 +46,7 @@ def fold_hydra_report(text: str) -> str:
             continue
         if line.startswith("Config search path"):
             break
+        line = line.rstrip(".") if line.endswith(".") and not line.endswith("..") else line
         if parts and parts[-1].endswith(":"):
             parts[-1] = f"{parts[-1]} {line}"
         elif parts and raw.startswith(("\t", "    ")) and ":" in parts[-1]:

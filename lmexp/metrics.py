@@ -32,7 +32,9 @@ class LanguageModelMetrics(torch.nn.Module):
         self.vocab_size = vocab_size
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, nll_sum: torch.Tensor, n_words: torch.Tensor):
+    def update(
+        self, logits: torch.Tensor, labels: torch.Tensor, nll_sum: torch.Tensor, n_words: torch.Tensor
+    ):
         """Add a batch: ``logits`` (B, T, V'), ``labels`` (B, T), its summed NLL and word count."""
         logits = logits[..., : self.vocab_size]  # drop padded vocabulary rows; they are never targets
         n_tokens = (labels != IGNORE_INDEX).sum()

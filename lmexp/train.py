@@ -23,6 +23,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
         build_task,
         build_trainer,
         check_config,
+        close_loggers,
         finish,
         quiet_lightning,
         resolve_ckpt_path,
@@ -42,11 +43,15 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
     callbacks = build_callbacks(cfg, loggers) + list(extra_callbacks or [])
     trainer = build_trainer(cfg, loggers, callbacks)
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    # Final metrics come from the final weights (the best checkpoint by val loss is kept as well).
-    results = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
-    if cfg.run_test and datamodule.has_test:
-        results |= trainer.test(task, datamodule=datamodule, verbose=False)[0]
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        # Final metrics come from the final weights (the best checkpoint by val loss is kept as well).
+        results = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+        if cfg.run_test and datamodule.has_test:
+            results |= trainer.test(task, datamodule=datamodule, verbose=False)[0]
+    except BaseException:
+        close_loggers(loggers, status="failed")
+        raise
     return finish(cfg, trainer, results, datamodule, callbacks)
 
 

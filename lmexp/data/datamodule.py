@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
@@ -204,7 +205,14 @@ class LanguageModelData(LightningDataModule):
     def _loader_options(self) -> dict[str, Any]:
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         workers = self.num_workers
-        return {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0}
+        return {
+            "num_workers": workers,
+            "pin_memory": pin,
+            "persistent_workers": workers > 0,
+            # Each loader iterator draws a seed; from its own generator, not torch's global one, so
+            # dropout's random stream depends only on the training steps (and resumes exactly).
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
@@ -236,4 +244,3 @@ class LanguageModelData(LightningDataModule):
     @property
     def has_test(self) -> bool:
         return "test" in self.token_files
-

@@ -129,7 +129,7 @@ class CausalLMTask(LightningModule):
         # Random states, so that a resumed run draws the same dropout masks as one never stopped.
         checkpoint["lmexp"]["rng"] = {
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
             "python": random.getstate(),
         }
 
@@ -137,5 +137,16 @@ class CausalLMTask(LightningModule):
         rng = checkpoint.get("lmexp", {}).get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
             random.setstate(rng["python"])
+
+
+def _numpy_state_to_plain(state: tuple) -> list:
+    """numpy's RNG state as plain lists, so checkpoints load with ``torch.load(weights_only=True)``."""
+    name, keys, position, has_gauss, cached_gaussian = state
+    return [name, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)]
+
+
+def _numpy_state_from_plain(state: list) -> tuple:
+    name, keys, position, has_gauss, cached_gaussian = state
+    return (name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian)

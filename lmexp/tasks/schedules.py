@@ -33,6 +33,6 @@ class WarmupCosine:
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay to ``min_lr_ratio`` of the base rate, stepped once per optimizer step."""
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the base rate; stepped per optimizer step."""
     rule = WarmupCosine(warmup_steps, max_steps, min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, rule)
