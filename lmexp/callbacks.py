@@ -17,7 +17,7 @@ def _batch_tokens(batch: dict[str, Any]) -> int:
 
 
 class TokenThroughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor counting tokens (``train/device/items_per_sec`` etc.).
+    """Lightning's ThroughputMonitor counting tokens: logs ``train/device/tokens_per_sec`` and friends.
 
     Its figures are rolling averages over the last ``window_size`` steps, so start-up and compilation
     drop out of them once the window is full. ``perf_metrics`` gives the same window's rates for
@@ -31,6 +31,18 @@ class TokenThroughput(ThroughputMonitor):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.world_size = trainer.world_size
+
+    def _compute(self, trainer: Any, iter_num: int | None = None) -> None:
+        # Training throughput only (evaluation is still timed, so that its duration stays out of the
+        # training rate), with "items" named what they are: tokens.
+        if trainer.state.stage != RunningStage.TRAINING or not trainer._logger_connector.should_update_logs:
+            return
+        metrics = self._throughputs[RunningStage.TRAINING].compute()
+        renamed = {
+            "train/" + key.replace("items", "tokens").replace("lengths", "tokens"): value
+            for key, value in metrics.items()
+        }
+        trainer._logger_connector.log_metrics(renamed, step=iter_num)
 
     def perf_metrics(self) -> dict[str, float]:
         """``perf/tokens_per_sec`` and ``perf/samples_per_sec`` over all devices (training only)."""

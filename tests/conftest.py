@@ -41,12 +41,12 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def make_config(run_dir: Path, cache: Path, *overrides: str) -> DictConfig:
+def make_config(run_dir: Path, cache: Path, *overrides: str, tiny: bool = True) -> DictConfig:
     """Compose conf/train.yaml as the CLI would, with ``run_dir`` as Hydra's output dir."""
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=[*TINY, f"paths.cache_dir={cache}", *overrides],
+            overrides=[*(TINY if tiny else []), f"paths.cache_dir={cache}", *overrides],
             return_hydra_config=True,
         )
     with open_dict(cfg):
@@ -60,10 +60,10 @@ def make_config(run_dir: Path, cache: Path, *overrides: str) -> DictConfig:
 
 @pytest.fixture
 def config(tmp_path: Path, cache_dir: Path):
-    """``config(*overrides, run_dir=...)`` -> a composed config writing into a fresh run dir."""
+    """``config(*overrides, run_dir=..., tiny=True)`` -> a composed config writing into a fresh run dir."""
 
-    def _make(*overrides: str, run_dir: Path | None = None) -> DictConfig:
-        return make_config(run_dir or tmp_path / "run", cache_dir, *overrides)
+    def _make(*overrides: str, run_dir: Path | None = None, tiny: bool = True) -> DictConfig:
+        return make_config(run_dir or tmp_path / "run", cache_dir, *overrides, tiny=tiny)
 
     return _make
 

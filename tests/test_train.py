@@ -99,3 +99,27 @@ def test_cli_help_and_cfg_job(cli):
     job = cli("lmexp.train", "--cfg", "job", "model.n_layer=6", "optim.lr=1e-3")
     assert job.returncode == 0
     assert "n_layer: 6" in job.stdout and "lr: 0.001" in job.stdout
+
+
+def test_user_text_with_explicit_split_files(config, tmp_path):
+    from lmexp.data.corpus import GrammarConfig, build_grammar, generate_documents
+
+    docs = generate_documents(build_grammar(GrammarConfig()), 400, seed=3)
+    train_file, val_file, test_file = tmp_path / "train.txt", tmp_path / "val.jsonl", tmp_path / "test.txt"
+    train_file.write_text("\n\n".join(docs[:340]) + "\n")
+    val_file.write_text("\n".join(json.dumps({"text": d}) for d in docs[340:370]) + "\n")
+    test_file.write_text("\n\n".join(docs[370:]) + "\n")
+    metrics = train(
+        config(
+            "data=text",
+            f"data.path={train_file}",
+            f"data.val_path={val_file}",
+            f"data.test_path={test_file}",
+            "tokenizer=unigram",
+            "logger=[csv,tensorboard]",
+            "trainer.max_steps=10",
+        )
+    )
+    assert {"val/loss", "val/bpw", "test/loss"} <= set(metrics)
+    assert "val/bpw_floor" not in metrics  # only the built-in corpus has a known floor
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
