@@ -67,12 +67,36 @@ def check_config(cfg: DictConfig) -> None:
     problems += _optimizer_problems(cfg) + _scheduler_problems(cfg) + _trainer_problems(cfg)
     if not _is_int(cfg.seed):
         problems.append(f"seed={cfg.seed!r}: expected an integer")
+    problems += _task_problems(cfg)
     block_size = cfg.data.get("block_size")
     max_seq_len = getattr(model, "max_seq_len", None)
     if _is_int(block_size) and _is_int(max_seq_len) and block_size > max_seq_len:
         problems.append(f"data.block_size={block_size} exceeds model.max_seq_len={max_seq_len}")
     if problems:
         raise ConfigError(problems)
+
+
+def _choice(group: str, fallback: str) -> str:
+    """The option picked for ``group`` (e.g. ``bert`` for model), as the user typed it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return str(HydraConfig.get().runtime.choices[group])
+    except (ValueError, KeyError, AttributeError):
+        return fallback
+
+
+def _task_problems(cfg: DictConfig) -> list[str]:
+    """The model must support the task, and the task's own settings must be valid."""
+    task_cls = hydra.utils.get_class(cfg.task._target_)
+    model_cls = hydra.utils.get_class(cfg.model._target_)
+    supported = getattr(model_cls, "supported_tasks", ())
+    if task_cls.task_name not in supported:
+        return [
+            f"task={_choice('task', task_cls.task_name)} is not supported by "
+            f"model={_choice('model', model_cls.__name__)} (it supports task={' or task='.join(supported)})"
+        ]
+    return task_cls.check_settings(cfg)
 
 
 def _data_settings(cfg: DictConfig) -> Any:
@@ -158,10 +182,20 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- build
 def build_datamodule(cfg: DictConfig) -> Any:
+    task_cls = hydra.utils.get_class(cfg.task._target_)
     tokenizer = build_config_object(cfg.tokenizer, "tokenizer")
+    # The task's own special tokens ([CLS], [SEP], [MASK] for MLM) are reserved in the tokenizer.
+    extra = list(tokenizer.extra_special_tokens)
+    tokenizer.extra_special_tokens = extra + [t for t in task_cls.special_tokens if t not in extra]
     # Partial first: instantiate() would turn a dataclass passed as a kwarg into a plain dict.
     make = hydra.utils.instantiate(cfg.data, _convert_="all", _partial_=True)
-    return make(tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, seed=cfg.seed)
+    return make(
+        tokenizer=tokenizer,
+        cache_dir=cfg.paths.cache_dir,
+        seed=cfg.seed,
+        example_format=task_cls.data_format,
+        nsp=bool(cfg.task.get("nsp", False)),
+    )
 
 
 def build_task(cfg: DictConfig, datamodule: Any) -> Any:
@@ -187,6 +221,7 @@ def build_task(cfg: DictConfig, datamodule: Any) -> Any:
         vocab_size=tokenizer.vocab_size,
         compile=cfg.compile,
         bpw_floor=datamodule.bpw_floor,
+        **hydra.utils.get_class(cfg.task._target_).builder_kwargs(tokenizer, cfg),
     )
     task.checkpoint_extras = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -249,7 +284,7 @@ def collect_metrics(
 ) -> dict[str, float]:
     """The flat ``<split>/<name>`` metrics of the run, as plain floats."""
     metrics = {key: float(value) for key, value in results.items() if key.startswith(("val/", "test/"))}
-    if datamodule.bpw_floor is not None:
+    if datamodule.bpw_floor is not None and "val/bpw" in metrics:
         metrics["val/bpw_floor"] = float(datamodule.bpw_floor)
         if "test/bpw" in metrics:
             metrics["test/bpw_floor"] = float(datamodule.bpw_floor)

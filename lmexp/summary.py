@@ -11,7 +11,9 @@ from rich.table import Table
 ROWS = (
     ("val/loss", "val loss (nats/token)", "{:.4f}"),
     ("val/ppl", "val perplexity", "{:.2f}"),
-    ("val/acc", "val next-token accuracy", "{:.2%}"),
+    ("val/mlm_loss", "val masked-LM loss", "{:.4f}"),
+    ("val/acc", "val accuracy (next or masked token)", "{:.2%}"),
+    ("val/nsp_acc", "val next-sentence accuracy", "{:.2%}"),
     ("val/bpw", "val bits per word", "{:.3f}"),
     ("val/bpw_floor", "floor (corpus entropy)", "{:.3f}"),
     ("test/loss", "test loss", "{:.4f}"),

@@ -32,8 +32,9 @@ CASES = [(group, option) for group in GROUPS for option in options(group)]
 
 @pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_option_composes_and_checks(group, option, config, tmp_path):
-    extra = ["data.path=corpus.txt"] if (group, option) == ("data", "text") else []
-    cfg = config(f"{group}={option}", *extra)
+    # Composed on top of the shipped defaults (not the tiny test settings), plus what the option needs.
+    needs = {("data", "text"): ["data.path=corpus.txt"], ("task", "mlm"): ["model=bert"]}
+    cfg = config(f"{group}={option}", *needs.get((group, option), []), tiny=False)
     check_config(cfg)
 
 

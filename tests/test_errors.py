@@ -23,6 +23,7 @@ def _files(tmp: Path) -> dict[str, Path]:
     files["latin1"].write_bytes("caf\u00e9 na\u00efve\n\nmore text here\n".encode("latin-1"))
     files["short"] = _small_corpus(tmp / "short.txt", n_docs=40, words_per_doc=5)
     files["tiny_vocab"] = _small_corpus(tmp / "tiny_vocab.txt", n_docs=200)
+    files["one_doc"] = _small_corpus(tmp / "one_doc.txt", n_docs=1, words_per_doc=3000)
     files["corrupt_ckpt"] = tmp / "corrupt.ckpt"
     files["corrupt_ckpt"].write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
     return files
@@ -45,6 +46,19 @@ CASES = {
     "heads do not divide width": (["model.n_embd=100", "model.n_head=3"], "model.n_head"),
     "negative lr": (["optim.lr=-0.1"], "optim.lr"),
     "unknown precision": (["trainer.precision=fp8"], "trainer.precision"),
+    "model does not support task": (["model=lstm", "task=mlm"], "task=mlm is not supported by model=lstm"),
+    "mask rate outside (0, 1)": (["model=bert", "task.mask_rate=1.5"], "task.mask_rate"),
+    "sequence shorter than 8": (["model=bert", "data.block_size=4"], "data.block_size"),
+    "one document for NSP": (
+        [
+            "model=bert",
+            "data=text",
+            "data.path={one_doc}",
+            "data.val_path={one_doc}",
+            "tokenizer.vocab_size=300",
+        ],
+        "NSP",
+    ),
     "missing checkpoint": (["ckpt_path={missing}"], "ckpt_path"),
     "corrupt checkpoint": (["ckpt_path={corrupt_ckpt}"], "ckpt_path"),
 }

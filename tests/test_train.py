@@ -95,7 +95,7 @@ def test_cli_run(cli, tmp_path):
 
 def test_cli_help_and_cfg_job(cli):
     help_text = cli("lmexp.train", "--help")
-    assert help_text.returncode == 0 and "model: gpt, gpt2-small" in help_text.stdout
+    assert help_text.returncode == 0 and "model: bert, bert-base, gpt, gpt2-small, lstm" in help_text.stdout
     job = cli("lmexp.train", "--cfg", "job", "model.n_layer=6", "optim.lr=1e-3")
     assert job.returncode == 0
     assert "n_layer: 6" in job.stdout and "lr: 0.001" in job.stdout

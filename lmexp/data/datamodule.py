@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from lmexp.cache import atomic_write_json, atomic_write_text, build_lock, files_digest, stable_hash
 from lmexp.data.corpus import GrammarConfig, build_grammar, generate_documents
 from lmexp.data.packing import TokenBlocks, load_token_file, split_documents, write_token_file
+from lmexp.data.pairs import PairSpecials, build_pair_examples, split_sentences
 from lmexp.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampler
 from lmexp.data.text import read_documents, resolve_paths
 from lmexp.data.tokenizer import Tokenizer, TokenizerConfig, train_or_load_tokenizer
@@ -44,6 +45,9 @@ class LanguageModelData(LightningDataModule):
         tokenizer: the sentencepiece settings.
         cache_dir: where corpora, tokenizers and token files are cached.
         seed: seed of the training order.
+        example_format: ``blocks`` (packed token blocks, causal LM) or ``pairs`` ([CLS] A [SEP] B [SEP]
+            sentence pairs, masked LM); set from the task.
+        nsp: with ``pairs``, make next-sentence-prediction pairs (half with a random B).
     """
 
     def __init__(
@@ -64,8 +68,13 @@ class LanguageModelData(LightningDataModule):
         tokenizer: TokenizerConfig | None = None,
         cache_dir: str | Path = "~/.cache/lmexp",
         seed: int = 0,
+        example_format: str = "blocks",
+        nsp: bool = False,
     ) -> None:
         super().__init__()
+        self.example_format = example_format
+        self.nsp = nsp
+        self._documents: dict[str, list[str]] = {}
         self.source = source
         self.block_size = block_size
         self.batch_size = batch_size
@@ -124,10 +133,15 @@ class LanguageModelData(LightningDataModule):
         """Build or load the corpus, tokenizer and token files (idempotent, safe across processes)."""
         if self.tokenizer is not None:
             return
+        if self.example_format not in ("blocks", "pairs"):
+            raise ConfigError(f"example format {self.example_format!r} is not one of blocks, pairs")
         documents, corpus_key = self._documents_by_split()
+        self._documents = documents
         self.tokenizer = train_or_load_tokenizer(
             documents["train"], corpus_key, self.tokenizer_config, self.cache_dir
         )
+        if self.example_format == "pairs":
+            return  # sentence pairs are built from the documents in setup()
         token_key = stable_hash({"corpus": corpus_key, "tokenizer": files_digest([self.tokenizer.path])})
         token_dir = self.cache_dir / "tokens" / token_key
         for split, docs in documents.items():
@@ -190,11 +204,35 @@ class LanguageModelData(LightningDataModule):
         self.prepare()
         if self.datasets:
             return
+        if self.example_format == "pairs":
+            self._setup_pairs()
+            return
         mask = self.tokenizer.word_start_mask()
         for split, path in self.token_files.items():
             stream, _ = load_token_file(path)
             try:
                 self.datasets[split] = TokenBlocks(stream, self.block_size, self.tokenizer.pad_id, mask)
+            except DataError as error:
+                raise DataError(f"{split} split: {error}") from None
+
+    def _setup_pairs(self) -> None:
+        tokenizer = self.tokenizer
+        specials = PairSpecials(
+            cls_id=tokenizer.special_id("[CLS]"),
+            sep_id=tokenizer.special_id("[SEP]"),
+            pad_id=tokenizer.pad_id,
+        )
+        for split, documents in self._documents.items():
+            sentences = [split_sentences(document) for document in documents]
+            flat = tokenizer.encode([sentence for doc in sentences for sentence in doc])
+            ids, start = [], 0
+            for doc in sentences:
+                ids.append(flat[start : start + len(doc)])
+                start += len(doc)
+            try:
+                self.datasets[split] = build_pair_examples(
+                    ids, self.block_size, specials, self.nsp, self.seed
+                )
             except DataError as error:
                 raise DataError(f"{split} split: {error}") from None
 
@@ -243,4 +281,4 @@ class LanguageModelData(LightningDataModule):
 
     @property
     def has_test(self) -> bool:
-        return "test" in self.token_files
+        return "test" in self._documents

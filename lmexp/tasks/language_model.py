@@ -34,6 +34,10 @@ class CausalLMTask(LightningModule):
         bpw_floor: the corpus's entropy in bits per word, logged next to ``val/bpw`` when known.
     """
 
+    task_name = "clm"  # matched against the model config's supported_tasks
+    data_format = "blocks"  # what the data module feeds it: packed token blocks
+    special_tokens: tuple[str, ...] = ()  # tokens the tokenizer must reserve for this task
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -58,6 +62,16 @@ class CausalLMTask(LightningModule):
         self.checkpoint_extras: dict[str, Any] = {}
         self.flops_per_batch: float | None = None  # read by ThroughputMonitor; MFU needs it
 
+    @classmethod
+    def check_settings(cls, cfg: Any) -> list[str]:
+        """Problems with this task's settings in the composed config (none for causal LM)."""
+        return []
+
+    @classmethod
+    def builder_kwargs(cls, tokenizer: Any, cfg: Any) -> dict[str, Any]:
+        """Constructor arguments that come from the tokenizer or the run, not from ``task/``."""
+        return {}
+
     # ----------------------------------------------------------------------------------------- steps
     def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.model(batch["input_ids"])  # (B, T, V')
@@ -79,10 +93,7 @@ class CausalLMTask(LightningModule):
         trainer = self.trainer
         if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
             return
-        values = self.train_metrics.compute()
-        self.train_metrics.reset()
-        self.log("train/loss", values.pop("loss"), prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in values.items()})
+        self._log_values("train", self._split_values("train"))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits, nll_sum, _ = self._nll(batch)
@@ -99,13 +110,21 @@ class CausalLMTask(LightningModule):
         self._log_split("test")
 
     def _log_split(self, split: str) -> None:
+        self._log_values(split, self._split_values(split))
+
+    def _split_values(self, split: str) -> dict[str, torch.Tensor]:
+        """The split's metrics since the last call (synced across ranks by torchmetrics), then reset."""
         metrics = getattr(self, f"{split}_metrics")
-        values = metrics.compute()  # synced across ranks by torchmetrics
+        values = metrics.compute()
         metrics.reset()
-        logged = {f"{split}/{k}": v for k, v in values.items()}
-        if self.bpw_floor is not None and "bpw" in values:
-            logged[f"{split}/bpw_floor"] = torch.tensor(self.bpw_floor)
-        self.log_dict(logged, prog_bar=split == "val")
+        if self.bpw_floor is not None and "bpw" in values and split != "train":
+            values["bpw_floor"] = torch.tensor(self.bpw_floor)
+        return values
+
+    def _log_values(self, split: str, values: dict[str, torch.Tensor]) -> None:
+        values = dict(values)
+        self.log(f"{split}/loss", values.pop("loss"), prog_bar=split in ("train", "val"))
+        self.log_dict({f"{split}/{k}": v for k, v in values.items()})
 
     # ------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:

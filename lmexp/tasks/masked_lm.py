@@ -1,0 +1,171 @@
+"""Masked language modelling (+ next-sentence prediction) as a LightningModule.
+
+Masking happens here, on the batch's device, not in the data loader: each batch's mask is drawn from
+a generator seeded by (seed, step, rank), so masking is dynamic (a new mask every time a sequence is
+seen) and yet a resumed run, or a second run with the same seed, draws exactly the same masks.
+Validation and test batches are masked the same way at every evaluation (seeded by batch index), so
+their losses are comparable across evaluations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from lmexp.data.masking import MaskingConfig, mask_tokens
+from lmexp.errors import ConfigError
+from lmexp.metrics import IGNORE_INDEX
+from lmexp.tasks.language_model import CausalLMTask
+
+MLM_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]")
+
+
+class NSPMetrics(torch.nn.Module):
+    """Next-sentence prediction: loss, accuracy and macro F1 over the two classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics = MetricCollection(
+            {
+                "nsp_loss": MeanMetric(),
+                "nsp_acc": MulticlassAccuracy(num_classes=2, average="micro"),
+                "nsp_f1": MulticlassF1Score(num_classes=2, average="macro"),
+            },
+            compute_groups=False,
+        )
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
+        self.metrics["nsp_loss"].update(loss, weight=labels.numel())
+        preds = logits.argmax(dim=-1)
+        self.metrics["nsp_acc"].update(preds, labels)
+        self.metrics["nsp_f1"].update(preds, labels)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return dict(self.metrics.compute())
+
+    def reset(self) -> None:
+        self.metrics.reset()
+
+
+class MaskedLMTask(CausalLMTask):
+    """Pre-trains a bidirectional encoder with MLM, and NSP when ``nsp`` is on.
+
+    The model maps (input_ids, token_type_ids, attention_mask) to (mlm_logits (B, T, V'), nsp_logits
+    (B, 2)). ``val/loss`` is mlm_loss + nsp_loss; ``val/ppl`` and ``val/acc`` cover the masked
+    positions only.
+
+    Args (beyond :class:`CausalLMTask`'s):
+        nsp: train next-sentence prediction too.
+        mask_rate, replace_mask, replace_random: the masking recipe (lmexp/data/masking.py).
+        special_ids: token ids never masked (specials and padding); set by the builder.
+        mask_id: the id of ``[MASK]``; set by the builder.
+        seed: seed of the masks.
+    """
+
+    task_name = "mlm"
+    data_format = "pairs"
+    special_tokens = MLM_SPECIAL_TOKENS
+
+    def __init__(
+        self,
+        *args: Any,
+        nsp: bool = True,
+        mask_rate: float = 0.15,
+        replace_mask: float = 0.8,
+        replace_random: float = 0.1,
+        special_ids: list[int] | None = None,
+        mask_id: int | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.nsp = nsp
+        self.masking = MaskingConfig(
+            mask_rate=mask_rate, replace_mask=replace_mask, replace_random=replace_random
+        )
+        self.special_ids = sorted(set(special_ids or []))
+        self.mask_id = mask_id
+        self.mask_seed = seed
+        vocab_size = self.train_metrics.vocab_size
+        random_ids = torch.tensor([i for i in range(vocab_size) if i not in set(self.special_ids)])
+        self.register_buffer("random_ids", random_ids, persistent=False)
+        self.register_buffer("special_table", torch.zeros(vocab_size, dtype=torch.bool), persistent=False)
+        self.special_table[self.special_ids] = True
+        self.train_nsp, self.val_nsp, self.test_nsp = NSPMetrics(), NSPMetrics(), NSPMetrics()
+
+    @classmethod
+    def check_settings(cls, cfg: Any) -> list[str]:
+        problems = []
+        task = cfg.task
+        try:
+            MaskingConfig(
+                mask_rate=task.get("mask_rate", 0.15),
+                replace_mask=task.get("replace_mask", 0.8),
+                replace_random=task.get("replace_random", 0.1),
+            )
+        except ConfigError as error:
+            problems.extend(error.problems)
+        block_size = cfg.data.get("block_size")
+        if isinstance(block_size, int) and block_size < 8:
+            problems.append(f"data.block_size={block_size}: masked LM needs sequences of at least 8 tokens")
+        return problems
+
+    @classmethod
+    def builder_kwargs(cls, tokenizer: Any, cfg: Any) -> dict[str, Any]:
+        specials = [tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id]
+        specials += [tokenizer.special_id(token) for token in cls.special_tokens]
+        return {"special_ids": specials, "mask_id": tokenizer.special_id("[MASK]"), "seed": cfg.seed}
+
+    # ------------------------------------------------------------------------------------- masking
+    def _masked(
+        self, batch: dict[str, torch.Tensor], stream: int, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = batch["input_ids"]  # (B, T)
+        special = self.special_table[input_ids] | (batch["attention_mask"] == 0)  # (B, T) never masked
+        generator = torch.Generator(device=input_ids.device)
+        generator.manual_seed(hash((self.mask_seed, stream, index, self.global_rank)) % (2**63))
+        return mask_tokens(input_ids, special, self.masking, self.mask_id, self.random_ids, generator)
+
+    # --------------------------------------------------------------------------------------- steps
+    def _losses(self, batch: dict[str, torch.Tensor], stream: int, index: int, split: str) -> torch.Tensor:
+        input_ids, labels = self._masked(batch, stream, index)
+        mlm_logits, nsp_logits = self.model(input_ids, batch["token_type_ids"], batch["attention_mask"])
+        mlm_sum = F.cross_entropy(
+            mlm_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        n_masked = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        loss = mlm_sum / n_masked
+        no_words = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+        detach = split == "train"
+        mlm_metrics = getattr(self, f"{split}_metrics")
+        mlm_metrics.update(mlm_logits.detach() if detach else mlm_logits, labels, mlm_sum.detach(), no_words)
+        if self.nsp:
+            nsp_loss = F.cross_entropy(nsp_logits.float(), batch["nsp_label"])
+            getattr(self, f"{split}_nsp").update(nsp_logits.detach(), batch["nsp_label"], nsp_loss.detach())
+            loss = loss + nsp_loss
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # One mask per micro-batch: seeded by the optimizer step and the batch's place in the epoch.
+        return self._losses(batch, self.global_step, batch_idx, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._losses(batch, -1, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._losses(batch, -2, batch_idx, "test")
+
+    def _split_values(self, split: str) -> dict[str, torch.Tensor]:
+        mlm = super()._split_values(split)
+        values = {"mlm_loss": mlm["loss"], "ppl": mlm["ppl"], "acc": mlm["acc"], "loss": mlm["loss"]}
+        if self.nsp:
+            nsp_metrics = getattr(self, f"{split}_nsp")
+            values |= nsp_metrics.compute()
+            nsp_metrics.reset()
+            values["loss"] = values["mlm_loss"] + values["nsp_loss"]
+        return values
