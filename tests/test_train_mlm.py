@@ -55,3 +55,13 @@ def test_bert_resume_matches_uninterrupted_run(config, tmp_path):
     last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
     resumed = train(config(*common, f"ckpt_path={last}", run_dir=tmp_path / "resumed"))
     assert resumed["val/loss"] == pytest.approx(reference["val/loss"], abs=1e-6)
+
+
+def test_bert_on_user_text(config, tmp_path):
+    from lmexp.data.corpus import GrammarConfig, build_grammar, generate_documents
+
+    docs = generate_documents(build_grammar(GrammarConfig()), 300, seed=5)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(docs) + "\n")
+    metrics = train(config(*BERT_TINY, "data=text", f"data.path={corpus}", "trainer.max_steps=6"))
+    assert BERT_KEYS <= set(metrics)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -98,6 +98,8 @@ class GPTConfig:
     """Epsilon of every LayerNorm."""
     name: str = "gpt"
     """Informational label for logs and run names."""
+    supported_tasks: ClassVar[tuple[str, ...]] = ("clm",)
+    """Training objectives this model can serve (matched against a task's ``task_name``); not a field."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []

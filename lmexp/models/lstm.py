@@ -1,0 +1,202 @@
+"""The recurrent baseline in one file: config and an LSTM language model.
+
+Embedding -> dropout -> multi-layer ``torch.nn.LSTM`` (dropout between layers) -> dropout -> [projection
+hidden -> n_embd when the head is tied and the sizes differ] -> linear head with a bias. It is causal by
+construction: the hidden state at position t has seen tokens 0..t only, so it needs no mask and has no
+position limit.
+
+Shape legend: B = batch, T = sequence length, E = n_embd, H = hidden_size, V = padded vocabulary size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lmexp.errors import ConfigError
+
+# The run-time type checker is shared with the GPT config so all model configs report problems alike.
+from lmexp.models.gpt import _BOOL, _FLOAT, _INT, _STR, _type_problem
+from lmexp.models.layers import init_weights
+
+INIT_STD = 0.02  # Linear layers (projection, untied head), as in the transformers
+# The tied embedding is both the LSTM's input and the output layer, which pull its scale apart: the LSTM's
+# default U(-1/sqrt(H), 1/sqrt(H)) weights want O(1) inputs (at 0.02 the gates barely see the tokens and a
+# tiny model hardly learns), while the output side learns unigram statistics fastest when small (at 1.0,
+# Adam's ~lr-sized steps barely move it, and real-text loss falls ~3x slower in a 40-step run). 0.1 does well
+# on both, and keeps the initial predictions near-uniform.
+EMBEDDING_INIT_STD = 0.1
+FORGET_GATE_BIAS = 1.0  # start by remembering (Jozefowicz et al., 2015); other LSTM biases start at 0
+
+# Run-time type of each field (see gpt.py for why): field -> (kind, None allowed).
+_FIELD_TYPES: dict[str, tuple[str, bool]] = {
+    "n_layer": (_INT, False),
+    "n_embd": (_INT, False),
+    "hidden_size": (_INT, False),
+    "vocab_size": (_INT, True),
+    "pad_vocab_to_multiple": (_INT, False),
+    "dropout": (_FLOAT, False),
+    "tie_embeddings": (_BOOL, False),
+    "max_seq_len": (_INT, True),
+    "name": (_STR, False),
+}
+
+
+@dataclass
+class LSTMConfig:
+    """Architecture of an :class:`LSTMLM`. Validated on construction; all problems are reported together."""
+
+    n_layer: int = 2
+    """Number of stacked LSTM layers."""
+    n_embd: int = 128
+    """Token embedding size (the first LSTM layer's input size)."""
+    hidden_size: int = 256
+    """Hidden (and cell) state size of every LSTM layer."""
+    vocab_size: int | None = None
+    """Tokenizer vocabulary size. None means "the tokenizer's": the caller fills it in before ``build()``."""
+    pad_vocab_to_multiple: int = 64
+    """Embedding rows are padded up to a multiple of this for matmul efficiency (1 = no padding). Padded
+    ids never occur as inputs or targets; slice logits to ``[..., :vocab_size]`` before sampling."""
+    dropout: float = 0.1
+    """Dropout on the embeddings, between LSTM layers and before the head, in [0, 1)."""
+    tie_embeddings: bool = True
+    """Share one matrix between the token embedding and the output layer. When ``hidden_size != n_embd``
+    a Linear projection hidden -> n_embd (no bias) precedes the tied head."""
+    max_seq_len: int | None = None
+    """Accepted for symmetry with the transformer configs (the run checks ``data.block_size`` against it);
+    an LSTM has no position limit, so None means unlimited and the model never enforces it."""
+    name: str = "lstm"
+    """Informational label for logs and run names."""
+    supported_tasks: ClassVar[tuple[str, ...]] = ("clm",)
+    """Training objectives this model can serve (matched against a task's ``task_name``); not a field."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        bad_type: set[str] = set()
+        for field, (kind, optional) in _FIELD_TYPES.items():
+            value = getattr(self, field)
+            problem = _type_problem(field, value, kind, optional)
+            if problem is not None:
+                problems.append(problem)
+                bad_type.add(field)
+            elif kind == _FLOAT and value is not None:
+                setattr(self, field, float(value))  # normalise ints given for floats (e.g. dropout=0)
+
+        def ok(*names: str) -> bool:
+            return not bad_type.intersection(names)
+
+        for field in ("n_layer", "n_embd", "hidden_size", "pad_vocab_to_multiple"):
+            if ok(field) and getattr(self, field) < 1:
+                problems.append(f"model.{field}={getattr(self, field)}: expected an int >= 1")
+        for field in ("vocab_size", "max_seq_len"):
+            value = getattr(self, field)
+            if ok(field) and value is not None and value < 1:
+                problems.append(f"model.{field}={value}: expected an int >= 1 or null")
+        if ok("dropout") and not 0.0 <= self.dropout < 1.0:
+            problems.append(f"model.dropout={self.dropout}: expected a float in [0, 1)")
+        if problems:
+            raise ConfigError(problems)
+
+    def _require_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ConfigError(
+                "model.vocab_size is not set: expected the tokenizer's vocabulary size to be filled in "
+                "before the model is built"
+            )
+        return self.vocab_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """``vocab_size`` rounded up to a multiple of ``pad_vocab_to_multiple``."""
+        vocab_size, multiple = self._require_vocab_size(), self.pad_vocab_to_multiple
+        return -(-vocab_size // multiple) * multiple
+
+    @property
+    def projects_hidden(self) -> bool:
+        """Whether a hidden -> n_embd projection sits before the (tied) head."""
+        return self.tie_embeddings and self.hidden_size != self.n_embd
+
+    def build(self) -> LSTMLM:
+        """Construct the model (on the current default device, e.g. inside ``with torch.device("meta")``)."""
+        self._require_vocab_size()
+        return LSTMLM(self)
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters of the built model, computed without building it."""
+        E, H, V = self.n_embd, self.hidden_size, self.padded_vocab_size
+        embedding = V * E
+        # Per layer: input-to-hidden and hidden-to-hidden weights for 4 gates, and two bias vectors.
+        lstm = sum(4 * H * (E if layer == 0 else H) + 4 * H * H + 2 * 4 * H for layer in range(self.n_layer))
+        projection = H * E if self.projects_hidden else 0
+        head_in = E if self.tie_embeddings else H
+        head = (0 if self.tie_embeddings else V * head_in) + V  # weight (unless tied) + bias
+        return embedding + lstm + projection + head
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields (for logging and checkpoints)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class LSTMLM(nn.Module):
+    """Multi-layer LSTM language model with an (optionally tied) output layer."""
+
+    def __init__(self, config: LSTMConfig) -> None:
+        super().__init__()
+        self.config = config
+        E, H, V = config.n_embd, config.hidden_size, config.padded_vocab_size  # fails if vocab_size unset
+        self.tok_emb = nn.Embedding(V, E)
+        self.drop = nn.Dropout(config.dropout)
+        self.lstm = nn.LSTM(
+            input_size=E,
+            hidden_size=H,
+            num_layers=config.n_layer,
+            batch_first=True,
+            # nn.LSTM drops out between layers only, and warns when there is no "between".
+            dropout=config.dropout if config.n_layer > 1 else 0.0,
+        )
+        self.proj = nn.Linear(H, E, bias=False) if config.projects_hidden else None
+        self.lm_head = nn.Linear(E if config.tie_embeddings else H, V)
+        if config.tie_embeddings:
+            # Same Parameter object: one matrix, one gradient, counted once by parameters().
+            self.lm_head.weight = self.tok_emb.weight
+
+        self.apply(partial(init_weights, std=INIT_STD))  # Embedding and Linear layers; nn.LSTM is skipped
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=EMBEDDING_INIT_STD)
+        self._init_lstm_biases()
+
+    @torch.no_grad()
+    def _init_lstm_biases(self) -> None:
+        """Zero the LSTM biases except the forget gate's (gate order: input, forget, cell, output)."""
+        H = self.config.hidden_size
+        for layer in range(self.config.n_layer):
+            bias_ih = getattr(self.lstm, f"bias_ih_l{layer}")  # (4H,)
+            bias_hh = getattr(self.lstm, f"bias_hh_l{layer}")  # (4H,)
+            bias_ih.zero_()
+            bias_hh.zero_()
+            bias_ih[H : 2 * H].fill_(FORGET_GATE_BIAS)  # the two biases are summed, so set one of them
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits for every position.
+
+        Args:
+            input_ids: Token ids of shape (B, T); any T (``config.max_seq_len`` is not enforced here).
+
+        Returns:
+            Logits of shape (B, T, V) with V = ``config.padded_vocab_size``; position t predicts token t+1.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        x = self.drop(self.tok_emb(input_ids))  # (B, T, E)
+        h, _ = self.lstm(x)  # (B, T, H): zero initial state; the final (h, c) are not needed
+        h = self.drop(h)  # (B, T, H)
+        if self.proj is not None:
+            h = self.proj(h)  # (B, T, E)
+        return self.lm_head(h)  # (B, T, V)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of distinct parameters (a tied matrix counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
