@@ -187,6 +187,8 @@ def build_datamodule(cfg: DictConfig) -> Any:
     # The task's own special tokens ([CLS], [SEP], [MASK] for MLM) are reserved in the tokenizer.
     extra = list(tokenizer.extra_special_tokens)
     tokenizer.extra_special_tokens = extra + [t for t in task_cls.special_tokens if t not in extra]
+    for key, piece in task_cls.tokenizer_pieces.items():  # e.g. [PAD] and [UNK] for masked LM
+        setattr(tokenizer, key, piece)
     # Partial first: instantiate() would turn a dataclass passed as a kwarg into a plain dict.
     make = hydra.utils.instantiate(cfg.data, _convert_="all", _partial_=True)
     return make(

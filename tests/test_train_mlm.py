@@ -29,6 +29,19 @@ def test_bert_pretraining_learns(config, tmp_path):
     assert losses[-1] < losses[0] - 0.5
     assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(metrics)
 
+    # The checkpoint carries the tokenizer, which reserves BERT's special tokens.
+    import torch
+
+    from lmexp.data.tokenizer import Tokenizer
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    model_file = tmp_path / "spm.model"
+    model_file.write_bytes(checkpoint["lmexp"]["tokenizer_model"].numpy().tobytes())
+    tokenizer = Tokenizer.load(model_file)
+    assert (tokenizer.id_to_piece(0), tokenizer.id_to_piece(1)) == ("[PAD]", "[UNK]")
+    for piece in ("[CLS]", "[SEP]", "[MASK]"):
+        assert tokenizer.encode([f"a {piece} b"])[0].count(tokenizer.special_id(piece)) == 1
+
 
 def test_bert_without_nsp(config):
     metrics = train(config(*BERT_TINY, "task.nsp=false", "trainer.max_steps=6"))

@@ -49,6 +49,10 @@ class TokenizerConfig:
     """Encode characters outside the vocabulary as UTF-8 byte pieces instead of ``<unk>``."""
     extra_special_tokens: list[str] = field(default_factory=list)
     """Extra tokens (e.g. ``["[CLS]", "[SEP]", "[MASK]"]``) that always encode as one id, never split."""
+    pad_piece: str = PAD_PIECE
+    """The text of the padding token (id 0); masked-LM runs name it ``[PAD]``, BERT's spelling."""
+    unk_piece: str = UNK_PIECE
+    """The text of the unknown token (id 1); masked-LM runs name it ``[UNK]``."""
     max_training_sentences: int = 2_000_000
     """Sentencepiece ``input_sentence_size``: lines beyond this many are sampled."""
     num_threads: int = 0
@@ -84,7 +88,12 @@ def _config_problems(config: TokenizerConfig) -> list[str]:
         problems.append(f"tokenizer.character_coverage={config.character_coverage!r} must be in (0, 1]")
     if not isinstance(config.byte_fallback, bool):
         problems.append(f"tokenizer.byte_fallback={config.byte_fallback!r} must be true or false")
-    problems.extend(_special_token_problems(config.extra_special_tokens))
+    for key in ("pad_piece", "unk_piece"):
+        piece = getattr(config, key)
+        if not isinstance(piece, str) or not piece or any(ch.isspace() for ch in piece):
+            problems.append(f"tokenizer.{key}={piece!r}: expected a non-empty string without whitespace")
+    reserved = {config.pad_piece, config.unk_piece, BOS_PIECE, EOS_PIECE}
+    problems.extend(_special_token_problems(config.extra_special_tokens, reserved))
     if not isinstance(config.max_training_sentences, int) or config.max_training_sentences < 1:
         problems.append(f"tokenizer.max_training_sentences={config.max_training_sentences!r} must be >= 1")
     if not isinstance(config.num_threads, int) or config.num_threads < 0:
@@ -92,13 +101,12 @@ def _config_problems(config: TokenizerConfig) -> list[str]:
     return problems
 
 
-def _special_token_problems(tokens: object) -> list[str]:
+def _special_token_problems(tokens: object, reserved: set[str]) -> list[str]:
     """Problems with ``extra_special_tokens``: each must be a distinct, non-empty, whitespace-free string."""
     key = "tokenizer.extra_special_tokens"
     if not isinstance(tokens, list):
         return [f"{key}={tokens!r} must be a list of strings"]
     problems: list[str] = []
-    reserved = {PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE}
     for token in tokens:
         if not isinstance(token, str) or not token:
             problems.append(f"{key}: {token!r} must be a non-empty string")
@@ -249,8 +257,8 @@ def _train(documents: list[str], corpus_key: str, config: TokenizerConfig, prefi
             unk_id=UNK_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
-            pad_piece=PAD_PIECE,
-            unk_piece=UNK_PIECE,
+            pad_piece=config.pad_piece,
+            unk_piece=config.unk_piece,
             bos_piece=BOS_PIECE,
             eos_piece=EOS_PIECE,
             add_dummy_prefix=True,

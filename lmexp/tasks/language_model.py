@@ -37,6 +37,7 @@ class CausalLMTask(LightningModule):
     task_name = "clm"  # matched against the model config's supported_tasks
     data_format = "blocks"  # what the data module feeds it: packed token blocks
     special_tokens: tuple[str, ...] = ()  # tokens the tokenizer must reserve for this task
+    tokenizer_pieces: dict[str, str] = {}  # spellings of the tokenizer's pad/unk pieces, if not the default
 
     def __init__(
         self,

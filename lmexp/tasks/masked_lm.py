@@ -70,6 +70,7 @@ class MaskedLMTask(CausalLMTask):
     task_name = "mlm"
     data_format = "pairs"
     special_tokens = MLM_SPECIAL_TOKENS
+    tokenizer_pieces = {"pad_piece": "[PAD]", "unk_piece": "[UNK]"}  # BERT's spellings
 
     def __init__(
         self,
