@@ -32,7 +32,7 @@ Shape legend: B = batch, T = sequence length, C = n_embd, V = padded vocabulary 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
@@ -40,9 +40,7 @@ import torch
 from torch import nn
 
 from lmexp.errors import ConfigError
-
-# The run-time type checker is shared with the GPT config so all model configs report problems alike.
-from lmexp.models.gpt import _BOOL, _FLOAT, _INT, _STR, _type_problem
+from lmexp.models.config import ModelConfig
 from lmexp.models.layers import Block, init_weights
 
 INIT_STD = 0.02  # BERT's initializer_range
@@ -54,25 +52,9 @@ BERT_PRESETS: dict[str, dict[str, Any]] = {
     "bert-base": dict(n_layer=12, n_head=12, n_embd=768, max_seq_len=512),
 }
 
-# Run-time type of each field (see gpt.py for why): field -> (kind, None allowed).
-_FIELD_TYPES: dict[str, tuple[str, bool]] = {
-    "n_layer": (_INT, False),
-    "n_head": (_INT, False),
-    "n_embd": (_INT, False),
-    "max_seq_len": (_INT, False),
-    "type_vocab_size": (_INT, False),
-    "vocab_size": (_INT, True),
-    "pad_vocab_to_multiple": (_INT, False),
-    "dropout": (_FLOAT, False),
-    "norm_first": (_BOOL, False),
-    "layer_norm_eps": (_FLOAT, False),
-    "mlp_ratio": (_INT, False),
-    "name": (_STR, False),
-}
-
 
 @dataclass
-class BERTConfig:
+class BERTConfig(ModelConfig):
     """Architecture of a :class:`BERT`. Validated on construction; all problems are reported together."""
 
     n_layer: int = 2
@@ -102,65 +84,7 @@ class BERTConfig:
     name: str = "bert"
     """Informational label for logs and run names."""
     supported_tasks: ClassVar[tuple[str, ...]] = ("mlm",)
-    """Training objectives this model can serve (matched against a task's ``task_name``); not a field."""
-
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        bad_type: set[str] = set()
-        for field, (kind, optional) in _FIELD_TYPES.items():
-            value = getattr(self, field)
-            problem = _type_problem(field, value, kind, optional)
-            if problem is not None:
-                problems.append(problem)
-                bad_type.add(field)
-            elif kind == _FLOAT and value is not None:
-                setattr(self, field, float(value))  # normalise ints given for floats (e.g. dropout=0)
-
-        def ok(*names: str) -> bool:
-            return not bad_type.intersection(names)
-
-        for field in (
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "max_seq_len",
-            "type_vocab_size",
-            "pad_vocab_to_multiple",
-            "mlp_ratio",
-        ):
-            if ok(field) and getattr(self, field) < 1:
-                problems.append(f"model.{field}={getattr(self, field)}: expected an int >= 1")
-        if ok("vocab_size") and self.vocab_size is not None and self.vocab_size < 1:
-            problems.append(f"model.vocab_size={self.vocab_size}: expected an int >= 1 or null")
-        if ok("n_embd", "n_head") and self.n_embd >= 1 and self.n_head >= 1 and self.n_embd % self.n_head:
-            problems.append(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        if ok("dropout") and not 0.0 <= self.dropout < 1.0:
-            problems.append(f"model.dropout={self.dropout}: expected a float in [0, 1)")
-        if ok("layer_norm_eps") and not self.layer_norm_eps > 0.0:
-            problems.append(f"model.layer_norm_eps={self.layer_norm_eps}: expected a float > 0")
-        if problems:
-            raise ConfigError(problems)
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides: Any) -> BERTConfig:
-        """A config from a named size in :data:`BERT_PRESETS`, with ``overrides`` applied on top."""
-        if preset not in BERT_PRESETS:
-            raise ConfigError(f"model preset {preset!r} is unknown; expected one of {sorted(BERT_PRESETS)}")
-        return cls(**{"name": preset, **BERT_PRESETS[preset], **overrides})
-
-    def _require_vocab_size(self) -> int:
-        if self.vocab_size is None:
-            raise ConfigError(
-                "model.vocab_size is not set: expected the tokenizer's vocabulary size to be filled in "
-                "before the model is built"
-            )
-        return self.vocab_size
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """``vocab_size`` rounded up to a multiple of ``pad_vocab_to_multiple``."""
-        vocab_size, multiple = self._require_vocab_size(), self.pad_vocab_to_multiple
-        return -(-vocab_size // multiple) * multiple
+    presets: ClassVar[dict[str, dict[str, Any]]] = BERT_PRESETS
 
     def build(self) -> BERT:
         """Construct the model (on the current default device, e.g. inside ``with torch.device("meta")``)."""
@@ -182,10 +106,6 @@ class BERTConfig:
         pooler = linear_cc
         nsp_head = 2 * C + 2
         return embeddings + self.n_layer * block + ln_f + mlm_head + pooler + nsp_head
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields (for logging and checkpoints)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class MLMHead(nn.Module):

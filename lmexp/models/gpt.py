@@ -14,7 +14,7 @@ Shape legend: B = batch, T = sequence length, C = n_embd, V = padded vocabulary 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lmexp.errors import ConfigError
+from lmexp.models.config import ModelConfig
 from lmexp.models.layers import Block, init_weights, scale_residual_projections
 
 INIT_STD = 0.02  # GPT-2's initializer_range
@@ -33,45 +34,9 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, max_seq_len=1024),
 }
 
-# Run-time type of each field, checked in __post_init__ because Hydra/CLI overrides can deliver e.g. a
-# str where an int is expected and a dataclass does not check its annotations.
-_INT, _FLOAT, _BOOL, _STR = "int", "float", "bool", "str"
-_FIELD_TYPES: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
-    "n_layer": (_INT, False),
-    "n_head": (_INT, False),
-    "n_embd": (_INT, False),
-    "max_seq_len": (_INT, False),
-    "vocab_size": (_INT, True),
-    "pad_vocab_to_multiple": (_INT, False),
-    "dropout": (_FLOAT, False),
-    "bias": (_BOOL, False),
-    "tie_embeddings": (_BOOL, False),
-    "layer_norm_eps": (_FLOAT, False),
-    "name": (_STR, False),
-}
-
-
-def _type_problem(field: str, value: Any, kind: str, optional: bool) -> str | None:
-    """Describe why ``value`` is not of ``kind``, or None if it is. bool is never accepted as a number."""
-    if value is None:
-        return None if optional else f"model.{field}=None: expected {'an' if kind == _INT else 'a'} {kind}"
-    if kind == _INT:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind == _FLOAT:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif kind == _BOOL:
-        ok = isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
-    if ok:
-        return None
-    article = "an" if kind == _INT else "a"
-    expected = f"{article} {kind}" + (" or null" if optional else "")
-    return f"model.{field}={value!r}: expected {expected}, got {type(value).__name__}"
-
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ModelConfig):
     """Architecture of a :class:`GPT`. Validated on construction; all problems are reported together."""
 
     n_layer: int = 4
@@ -99,57 +64,7 @@ class GPTConfig:
     name: str = "gpt"
     """Informational label for logs and run names."""
     supported_tasks: ClassVar[tuple[str, ...]] = ("clm",)
-    """Training objectives this model can serve (matched against a task's ``task_name``); not a field."""
-
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        bad_type: set[str] = set()
-        for field, (kind, optional) in _FIELD_TYPES.items():
-            value = getattr(self, field)
-            problem = _type_problem(field, value, kind, optional)
-            if problem is not None:
-                problems.append(problem)
-                bad_type.add(field)
-            elif kind == _FLOAT and value is not None:
-                setattr(self, field, float(value))  # normalise ints given for floats (e.g. dropout=0)
-
-        def ok(*names: str) -> bool:
-            return not bad_type.intersection(names)
-
-        for field in ("n_layer", "n_head", "n_embd", "max_seq_len", "pad_vocab_to_multiple"):
-            if ok(field) and getattr(self, field) < 1:
-                problems.append(f"model.{field}={getattr(self, field)}: expected an int >= 1")
-        if ok("vocab_size") and self.vocab_size is not None and self.vocab_size < 1:
-            problems.append(f"model.vocab_size={self.vocab_size}: expected an int >= 1 or null")
-        if ok("n_embd", "n_head") and self.n_embd >= 1 and self.n_head >= 1 and self.n_embd % self.n_head:
-            problems.append(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        if ok("dropout") and not 0.0 <= self.dropout < 1.0:
-            problems.append(f"model.dropout={self.dropout}: expected a float in [0, 1)")
-        if ok("layer_norm_eps") and not self.layer_norm_eps > 0.0:
-            problems.append(f"model.layer_norm_eps={self.layer_norm_eps}: expected a float > 0")
-        if problems:
-            raise ConfigError(problems)
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides: Any) -> GPTConfig:
-        """A config from a named size in :data:`GPT_PRESETS`, with ``overrides`` applied on top."""
-        if preset not in GPT_PRESETS:
-            raise ConfigError(f"model preset {preset!r} is unknown; expected one of {sorted(GPT_PRESETS)}")
-        return cls(**{"name": preset, **GPT_PRESETS[preset], **overrides})
-
-    def _require_vocab_size(self) -> int:
-        if self.vocab_size is None:
-            raise ConfigError(
-                "model.vocab_size is not set: expected the tokenizer's vocabulary size to be filled in "
-                "before the model is built"
-            )
-        return self.vocab_size
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """``vocab_size`` rounded up to a multiple of ``pad_vocab_to_multiple``."""
-        vocab_size, multiple = self._require_vocab_size(), self.pad_vocab_to_multiple
-        return -(-vocab_size // multiple) * multiple
+    presets: ClassVar[dict[str, dict[str, Any]]] = GPT_PRESETS
 
     def build(self) -> GPT:
         """Construct the model (on the current default device, e.g. inside ``with torch.device("meta")``)."""
@@ -168,10 +83,6 @@ class GPTConfig:
         embeddings = V * C + self.max_seq_len * C
         lm_head = 0 if self.tie_embeddings else V * C  # lm_head never has a bias
         return embeddings + self.n_layer * block + layer_norm + lm_head
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields (for logging and checkpoints)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class GPT(nn.Module):

@@ -10,17 +10,14 @@ Shape legend: B = batch, T = sequence length, E = n_embd, H = hidden_size, V = p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from lmexp.errors import ConfigError
-
-# The run-time type checker is shared with the GPT config so all model configs report problems alike.
-from lmexp.models.gpt import _BOOL, _FLOAT, _INT, _STR, _type_problem
+from lmexp.models.config import ModelConfig
 from lmexp.models.layers import init_weights
 
 INIT_STD = 0.02  # Linear layers (projection, untied head), as in the transformers
@@ -32,22 +29,9 @@ INIT_STD = 0.02  # Linear layers (projection, untied head), as in the transforme
 EMBEDDING_INIT_STD = 0.1
 FORGET_GATE_BIAS = 1.0  # start by remembering (Jozefowicz et al., 2015); other LSTM biases start at 0
 
-# Run-time type of each field (see gpt.py for why): field -> (kind, None allowed).
-_FIELD_TYPES: dict[str, tuple[str, bool]] = {
-    "n_layer": (_INT, False),
-    "n_embd": (_INT, False),
-    "hidden_size": (_INT, False),
-    "vocab_size": (_INT, True),
-    "pad_vocab_to_multiple": (_INT, False),
-    "dropout": (_FLOAT, False),
-    "tie_embeddings": (_BOOL, False),
-    "max_seq_len": (_INT, True),
-    "name": (_STR, False),
-}
-
 
 @dataclass
-class LSTMConfig:
+class LSTMConfig(ModelConfig):
     """Architecture of an :class:`LSTMLM`. Validated on construction; all problems are reported together."""
 
     n_layer: int = 2
@@ -72,48 +56,6 @@ class LSTMConfig:
     name: str = "lstm"
     """Informational label for logs and run names."""
     supported_tasks: ClassVar[tuple[str, ...]] = ("clm",)
-    """Training objectives this model can serve (matched against a task's ``task_name``); not a field."""
-
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        bad_type: set[str] = set()
-        for field, (kind, optional) in _FIELD_TYPES.items():
-            value = getattr(self, field)
-            problem = _type_problem(field, value, kind, optional)
-            if problem is not None:
-                problems.append(problem)
-                bad_type.add(field)
-            elif kind == _FLOAT and value is not None:
-                setattr(self, field, float(value))  # normalise ints given for floats (e.g. dropout=0)
-
-        def ok(*names: str) -> bool:
-            return not bad_type.intersection(names)
-
-        for field in ("n_layer", "n_embd", "hidden_size", "pad_vocab_to_multiple"):
-            if ok(field) and getattr(self, field) < 1:
-                problems.append(f"model.{field}={getattr(self, field)}: expected an int >= 1")
-        for field in ("vocab_size", "max_seq_len"):
-            value = getattr(self, field)
-            if ok(field) and value is not None and value < 1:
-                problems.append(f"model.{field}={value}: expected an int >= 1 or null")
-        if ok("dropout") and not 0.0 <= self.dropout < 1.0:
-            problems.append(f"model.dropout={self.dropout}: expected a float in [0, 1)")
-        if problems:
-            raise ConfigError(problems)
-
-    def _require_vocab_size(self) -> int:
-        if self.vocab_size is None:
-            raise ConfigError(
-                "model.vocab_size is not set: expected the tokenizer's vocabulary size to be filled in "
-                "before the model is built"
-            )
-        return self.vocab_size
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """``vocab_size`` rounded up to a multiple of ``pad_vocab_to_multiple``."""
-        vocab_size, multiple = self._require_vocab_size(), self.pad_vocab_to_multiple
-        return -(-vocab_size // multiple) * multiple
 
     @property
     def projects_hidden(self) -> bool:
@@ -135,10 +77,6 @@ class LSTMConfig:
         head_in = E if self.tie_embeddings else H
         head = (0 if self.tie_embeddings else V * head_in) + V  # weight (unless tied) + bias
         return embedding + lstm + projection + head
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields (for logging and checkpoints)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class LSTMLM(nn.Module):
