@@ -14,7 +14,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lmexp.errors import CheckpointError, ConfigError
+from lmexp.checkpoints import load_checkpoint
+from lmexp.errors import ConfigError
 
 PRECISIONS = (
     "64-true", "32-true", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
@@ -153,31 +154,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if not cfg.get("ckpt_path"):
         return None
     path = Path(str(cfg.ckpt_path)).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"ckpt_path={path}: no such checkpoint file; expected a .ckpt from a run dir")
-    verify_checkpoint(path)
+    load_checkpoint(path)
     return str(path)
-
-
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Load ``path`` with ``weights_only=True``; a truncated or foreign file becomes one clear line."""
-    import torch
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for damaged files
-        if "Weights only load failed" in str(error):
-            raise CheckpointError(
-                f"ckpt_path={path} is not an lmexp checkpoint (it holds objects other than tensors and "
-                "plain data, which lmexp never writes)"
-            ) from None
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(
-            f"ckpt_path={path} is not a readable checkpoint (truncated or not a PyTorch file: {reason[:120]})"
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "lmexp" not in checkpoint:
-        raise CheckpointError(f"ckpt_path={path} is not an lmexp checkpoint (no model state or run info)")
-    return checkpoint
 
 
 # --------------------------------------------------------------------------------------------- build
