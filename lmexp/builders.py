@@ -14,8 +14,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lmexp.checkpoints import load_checkpoint
 from lmexp.errors import ConfigError
+from lmexp.resume import resume_problems
+from lmexp.secrets import redact
+
+# Trainer settings of lmexp's own, taken out before the rest goes to lightning.pytorch.Trainer.
+LMEXP_TRAINER_KEYS = ("skip_nonfinite",)
 
 PRECISIONS = (
     "64-true", "32-true", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
@@ -68,7 +72,7 @@ def check_config(cfg: DictConfig) -> None:
     problems += _optimizer_problems(cfg) + _scheduler_problems(cfg) + _trainer_problems(cfg)
     if not _is_int(cfg.seed):
         problems.append(f"seed={cfg.seed!r}: expected an integer")
-    problems += _task_problems(cfg)
+    problems += _task_problems(cfg) + resume_problems(cfg)
     block_size = cfg.data.get("block_size")
     max_seq_len = getattr(model, "max_seq_len", None)
     if _is_int(block_size) and _is_int(max_seq_len) and block_size > max_seq_len:
@@ -90,6 +94,13 @@ def _choice(group: str, fallback: str) -> str:
 def _task_problems(cfg: DictConfig) -> list[str]:
     """The model must support the task, and the task's own settings must be valid."""
     task_cls = hydra.utils.get_class(cfg.task._target_)
+    if getattr(task_cls, "supported_models", None):
+        return _fine_tuning_problems(cfg, task_cls) or task_cls.check_settings(cfg)
+    if cfg.get("init_from"):
+        return [
+            f"init_from={cfg.init_from}: only fine-tuning tasks (task=classify, task=ner) start from "
+            "pre-trained weights; to continue a run, use ckpt_path"
+        ]
     model_cls = hydra.utils.get_class(cfg.model._target_)
     supported = getattr(model_cls, "supported_tasks", ())
     if task_cls.task_name not in supported:
@@ -98,6 +109,86 @@ def _task_problems(cfg: DictConfig) -> list[str]:
             f"model={_choice('model', model_cls.__name__)} (it supports task={' or task='.join(supported)})"
         ]
     return task_cls.check_settings(cfg)
+
+
+def _is_labelled_data(cfg: DictConfig) -> bool:
+    from lmexp.data.labelled import LabelledData
+
+    data_cls = hydra.utils.get_class(cfg.data._target_)
+    return isinstance(data_cls, type) and issubclass(data_cls, LabelledData)
+
+
+def init_checkpoint_path(cfg: DictConfig) -> Path:
+    """``init_from`` as a checkpoint: a run dir (one with ``checkpoints/``) stands for its ``last.ckpt``."""
+    path = Path(str(cfg.init_from)).expanduser()
+    return path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path
+
+
+_init_cache: dict[str, dict[str, Any]] = {}
+
+
+def init_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """The checkpoint ``init_from`` names, loaded once per process (checks and builders all read it)."""
+    from lmexp.checkpoints import load_checkpoint
+
+    path = str(init_checkpoint_path(cfg))
+    if path not in _init_cache:
+        _init_cache.clear()  # keep at most one checkpoint in memory
+        _init_cache[path] = load_checkpoint(path, key="init_from")
+    return _init_cache[path]
+
+
+def _init_model_target(cfg: DictConfig) -> str:
+    """The model class a run builds: the ``init_from`` checkpoint's, or the config's."""
+    if cfg.get("init_from"):
+        return str(init_checkpoint(cfg)["lmexp"]["config"]["model"]["_target_"])
+    return str(cfg.model._target_)
+
+
+def _fine_tuning_problems(cfg: DictConfig, task_cls: Any) -> list[str]:
+    """Labelled data, a model family the task can fine-tune, and an ``init_from`` that fits.
+
+    With ``init_from`` the run adopts the checkpoint's model and tokenizer settings (``cfg.model`` and
+    ``cfg.tokenizer`` are replaced), so the run's own config, logs and checkpoints describe the model
+    that is really trained.
+    """
+    task = _choice("task", task_cls.task_name)
+    if not _is_labelled_data(cfg):
+        data = "data=jsonl or data=conll" if task_cls.data_format == "ner" else "data=jsonl"
+        return [f"task={task} reads labelled examples: add {data} with data.train_path and data.val_path"]
+    model_cls = hydra.utils.get_class(_init_model_target(cfg))
+    where = f"init_from={cfg.init_from}" if cfg.get("init_from") else f"model={_choice('model', '')}"
+    if model_cls.__name__ not in task_cls.supported_models:
+        return [f"{where}: a {model_cls.__name__} model cannot be fine-tuned for task={task}"]
+    if not cfg.get("init_from"):
+        return []
+    checkpoint = init_checkpoint(cfg)
+    run = checkpoint["lmexp"]
+    problems = _init_tokenizer_problems(run, model_cls, where)
+    max_seq_len = run["model_config"].get("max_seq_len")
+    block_size = cfg.data.get("block_size")
+    if _is_int(max_seq_len) and _is_int(block_size) and block_size > max_seq_len:
+        problems.append(f"data.block_size={block_size} exceeds max_seq_len={max_seq_len} of {where}")
+    if not problems:
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.model = OmegaConf.create(run["config"]["model"])
+            cfg.tokenizer = OmegaConf.create(run["config"]["tokenizer"])
+    return problems
+
+
+def _init_tokenizer_problems(run: dict[str, Any], model_cls: type, where: str) -> list[str]:
+    """A BERT classifier reads the pooled [CLS] of ``[CLS] text [SEP]``: its tokenizer needs both."""
+    if model_cls.__name__ != "BERTConfig":
+        return []
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_proto=run["tokenizer_model"].numpy().tobytes())
+    missing = [t for t in ("[CLS]", "[SEP]") if processor.piece_to_id(t) == processor.unk_id()]
+    if missing:
+        return [f"{where}: its tokenizer has no {' or '.join(missing)} token, which a BERT classifier needs"]
+    return []
 
 
 def _data_settings(cfg: DictConfig) -> Any:
@@ -146,16 +237,9 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
     accumulate = trainer.get("accumulate_grad_batches", 1)
     if not _is_int(accumulate) or accumulate < 1:
         problems.append(f"trainer.accumulate_grad_batches={accumulate!r}: expected a positive integer")
-    return problems
+    from lmexp.strategies import strategy_problems
 
-
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from, verified to exist and to load, or None."""
-    if not cfg.get("ckpt_path"):
-        return None
-    path = Path(str(cfg.ckpt_path)).expanduser()
-    load_checkpoint(path)
-    return str(path)
+    return problems + strategy_problems(trainer.get("strategy"))
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -175,7 +259,17 @@ def build_datamodule(cfg: DictConfig) -> Any:
         seed=cfg.seed,
         example_format=task_cls.data_format,
         nsp=bool(cfg.task.get("nsp", False)),
+        **(_labelled_data_kwargs(cfg) if _is_labelled_data(cfg) else {}),
     )
+
+
+def _labelled_data_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tuning data follows the model (BERT reads ``[CLS] text [SEP]``); init_from brings a tokenizer."""
+    bert = _init_model_target(cfg).endswith("BERTConfig")
+    kwargs: dict[str, Any] = {"layout": "cls_sep" if bert else "eos"}
+    if cfg.get("init_from"):
+        kwargs["tokenizer_model"] = init_checkpoint(cfg)["lmexp"]["tokenizer_model"].numpy().tobytes()
+    return kwargs
 
 
 def build_task(cfg: DictConfig, datamodule: Any) -> Any:
@@ -193,6 +287,9 @@ def build_task(cfg: DictConfig, datamodule: Any) -> Any:
         )
     model = model_config.build()
     scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    task_cls = hydra.utils.get_class(cfg.task._target_)
+    # Fine-tuning tasks take their label set from the data.
+    data_kwargs = task_cls.data_kwargs(datamodule) if hasattr(task_cls, "data_kwargs") else {}
     task = hydra.utils.instantiate(
         cfg.task,
         model=model,
@@ -202,21 +299,39 @@ def build_task(cfg: DictConfig, datamodule: Any) -> Any:
         compile=cfg.compile,
         bpw_floor=datamodule.bpw_floor,
         **hydra.utils.get_class(cfg.task._target_).builder_kwargs(tokenizer, cfg),
+        **data_kwargs,
     )
+    if cfg.get("init_from"):  # fine-tuning: pre-trained backbone, fresh head
+        task.load_backbone(init_checkpoint(cfg)["state_dict"])
     task.checkpoint_extras = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": redact(OmegaConf.to_container(cfg, resolve=True)),
         "model_config": dataclasses.asdict(model_config),
         "tokenizer_model": torch.frombuffer(bytearray(tokenizer.path.read_bytes()), dtype=torch.uint8),
+        **({"labels": data_kwargs["labels"]} if "labels" in data_kwargs else {}),
     }
     return task
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
-    loggers = [hydra.utils.instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
-    config = OmegaConf.to_container(cfg, resolve=True)
+def build_loggers(cfg: DictConfig, wandb_run_id: str | None = None) -> list[Any]:
+    """The configured loggers, with the run's config logged; ``wandb_run_id`` continues that W&B run."""
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if not node:
+            continue
+        resume = {"id": wandb_run_id, "resume": "allow"} if name == "wandb" and wandb_run_id else {}
+        loggers.append(hydra.utils.instantiate(node, **resume))
+    config = redact(OmegaConf.to_container(cfg, resolve=True))
     for logger in loggers:
         logger.log_hyperparams(config)
     return loggers
+
+
+def wandb_run_id(loggers: list[Any]) -> str | None:
+    """The id of the run's W&B run (kept in checkpoints, so a resumed run continues it)."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            return str(logger.version)
+    return None
 
 
 def build_callbacks(cfg: DictConfig, loggers: list[Any]) -> list[Any]:
@@ -227,18 +342,39 @@ def build_callbacks(cfg: DictConfig, loggers: list[Any]) -> list[Any]:
         if name == "lr_monitor" and not loggers:
             continue  # LearningRateMonitor refuses to run without a logger
         callbacks.append(hydra.utils.instantiate(node))
+    from lmexp.guards import FinalCheckpoint, NonFiniteGuard, Preemption
+
+    # Always on: together they cost one scalar read per step and keep the run's state safe.
+    skip_nonfinite = bool(cfg.trainer.get("skip_nonfinite", False))
+    callbacks += [NonFiniteGuard(skip=skip_nonfinite), Preemption(), FinalCheckpoint()]
     return callbacks
 
 
 def build_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> Any:
+    from lmexp.guards import AtomicCheckpointIO
+
     has_bar = any(type(c).__name__.endswith("ProgressBar") for c in callbacks)
-    return hydra.utils.instantiate(
-        cfg.trainer,
+    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in LMEXP_TRAINER_KEYS])
+    trainer = hydra.utils.instantiate(
+        trainer_cfg,
         logger=loggers or False,
         callbacks=callbacks,
         default_root_dir=cfg.paths.run_dir,
         enable_progress_bar=has_bar,
+        plugins=[AtomicCheckpointIO(), *_slurm_plugins()],
     )
+    from lmexp.strategies import use_rank_launcher
+
+    use_rank_launcher(trainer, cfg)  # ranks 1..n-1 run this job's config, not a fresh Hydra command line
+    return trainer
+
+
+def _slurm_plugins() -> list[Any]:
+    """Under SLURM, Lightning's cluster environment without its auto-requeue (lmexp.guards.Preemption
+    checkpoints at a batch boundary and requeues instead)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 # -------------------------------------------------------------------------------------------- finish
@@ -257,6 +393,12 @@ def quiet_lightning() -> None:
         logger.propagate = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Lightning suggests srun whenever SLURM's tools are installed, also for runs meant to be local.
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available")
+    # A non-finite loss is reported by lmexp.guards.NonFiniteGuard, in one line naming the step.
+    warnings.filterwarnings("ignore", message=r"Encountered `nan` values in tensor")
+    # Split metrics are torchmetrics objects, synced across ranks when computed: no sync_dist needed.
+    warnings.filterwarnings("ignore", message=r".*self\.log\(.*sync_dist=True\)")
 
 
 def collect_metrics(
@@ -301,4 +443,6 @@ def close_loggers(loggers: list[Any], status: str = "success") -> None:
     if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
         import wandb
 
+        if status == "preempted" and wandb.run is not None:
+            wandb.run.mark_preempting()  # shown as preempted, not crashed; the resumed run continues it
         wandb.finish(exit_code=0 if status == "success" else 1)

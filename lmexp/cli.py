@@ -5,12 +5,20 @@ Our own code raises :class:`lmexp.errors.UserError`; :func:`guarded` turns it in
 reports composition errors (unknown key, unknown config option) itself, over several lines, before
 the task function runs; :func:`run_cli` holds stderr back until the task starts and folds such a
 report into one line. ``HYDRA_FULL_ERROR=1`` turns all of this off.
+
+Distributed ranks: when Lightning starts ranks 1..n-1 of a job (lmexp.strategies.RankLauncher), each
+runs ``python -m <entry>`` with the job's resolved config in ``LMEXP_RANK_CONFIG``; :func:`run_cli` then
+skips Hydra altogether and runs the task function on that config, so a rank never re-runs a sweep and
+never writes Hydra's outputs. Ranks started by the cluster (``srun``, torchrun) do run Hydra; for ranks
+other than 0, :func:`run_cli` turns off Hydra's ``.hydra/`` output and :func:`guarded` its log file.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +29,10 @@ from lmexp.errors import UserError, full_errors_requested
 T = TypeVar("T")
 
 _held_stderr: list[tuple[Any, io.StringIO]] = []
+
+RANK_CONFIG_ENV = "LMEXP_RANK_CONFIG"  # the resolved job config (YAML) of a relaunched rank
+DEFAULT_ENTRY = "lmexp.train"
+_entry_module: list[str] = []  # the module run with ``python -m``, recorded by run_cli
 
 
 def config_dir() -> str:
@@ -62,6 +74,8 @@ def guarded(task: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         sys.stderr.write(_release_stderr())
+        if external_rank() > 0:
+            _drop_log_files()
         try:
             return task(*args, **kwargs)
         except UserError as error:
@@ -73,8 +87,18 @@ def guarded(task: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def run_cli(main: Callable[[], Any]) -> None:
-    """Run a ``@hydra.main`` function, folding Hydra's own composition errors into one line."""
+def run_cli(main: Callable[..., Any]) -> None:
+    """Run a ``@hydra.main`` function, folding Hydra's own composition errors into one line.
+
+    In a rank started by :class:`lmexp.strategies.RankLauncher`, run it on the job config it was given.
+    """
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    _entry_module[:] = [spec.name] if spec is not None else []
+    if os.environ.get(RANK_CONFIG_ENV):
+        _run_relaunched_rank(main)
+        return
+    if external_rank() > 0 and "hydra.output_subdir=null" not in sys.argv:
+        sys.argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/
     if full_errors_requested():
         main()
         return
@@ -93,3 +117,49 @@ def run_cli(main: Callable[[], Any]) -> None:
         raise
     finally:
         sys.stderr.write(_release_stderr())
+
+
+# ----------------------------------------------------------------------------------------- ranks
+def external_rank() -> int:
+    """This process's global rank when a cluster started it (srun, torchrun); 0 otherwise."""
+    if os.environ.get(RANK_CONFIG_ENV):
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    for name in ("RANK", "SLURM_PROCID"):
+        if name == "SLURM_PROCID" and int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+            continue  # a one-task SLURM job (e.g. sbatch around a single process) has no other ranks
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def _drop_log_files() -> None:
+    """Stop writing to log files (Hydra's ``<job>.log``): only rank 0 writes the run's log."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+
+
+def rank_process_command() -> list[str]:
+    """The command line of a relaunched rank: the entry module of rank 0, with no arguments."""
+    entry = _entry_module[0] if _entry_module else DEFAULT_ENTRY
+    return [sys.executable, "-m", entry]
+
+
+def rank_process_environment(job_config: Any) -> dict[str, str]:
+    """Rank 0's environment plus the job's resolved config, for a relaunched rank."""
+    from omegaconf import OmegaConf
+
+    env = dict(os.environ)
+    env[RANK_CONFIG_ENV] = OmegaConf.to_yaml(job_config, resolve=True)
+    return env
+
+
+def _run_relaunched_rank(main: Callable[..., Any]) -> None:
+    """Run the task function of ``main`` (a ``@hydra.main`` function) on the config in the environment."""
+    from omegaconf import OmegaConf
+
+    logging.basicConfig(level=logging.WARNING, format="[rank %(process)d] %(levelname)s %(message)s")
+    cfg = OmegaConf.create(os.environ[RANK_CONFIG_ENV])
+    main(cfg)  # Hydra passes a given config straight to the task function: no parsing, no sweep

@@ -8,6 +8,7 @@ names the culprit, and exit non-zero. ``HYDRA_FULL_ERROR=1`` re-raises with the 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -33,6 +34,16 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, truncated, or does not fit the run."""
+
+
+class Preempted(Exception):
+    """The run stopped on a preemption signal after saving ``checkpoint``."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None, requeued: bool) -> None:
+        self.signal_name, self.step, self.checkpoint, self.requeued = signal_name, step, checkpoint, requeued
+        saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint could be saved"
+        then = "job requeued" if requeued else "run it again with resume=auto and the same hydra.run.dir"
+        super().__init__(f"stopped by {signal_name} at step {step}; {saved}; {then}")
 
 
 def full_errors_requested() -> bool:

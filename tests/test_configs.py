@@ -33,7 +33,15 @@ CASES = [(group, option) for group in GROUPS for option in options(group)]
 @pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_option_composes_and_checks(group, option, config, tmp_path):
     # Composed on top of the shipped defaults (not the tiny test settings), plus what the option needs.
-    needs = {("data", "text"): ["data.path=corpus.txt"], ("task", "mlm"): ["model=bert"]}
+    labelled = ["data.train_path=train.jsonl", "data.val_path=val.jsonl"]
+    needs = {
+        ("data", "text"): ["data.path=corpus.txt"],
+        ("task", "mlm"): ["model=bert"],
+        ("task", "classify"): ["data=jsonl", *labelled],
+        ("task", "ner"): ["data=jsonl", *labelled],
+        ("data", "jsonl"): ["task=classify", *labelled],
+        ("data", "conll"): ["task=ner", *labelled],
+    }
     cfg = config(f"{group}={option}", *needs.get((group, option), []), tiny=False)
     check_config(cfg)
 

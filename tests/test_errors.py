@@ -24,6 +24,8 @@ def _files(tmp: Path) -> dict[str, Path]:
     files["short"] = _small_corpus(tmp / "short.txt", n_docs=40, words_per_doc=5)
     files["tiny_vocab"] = _small_corpus(tmp / "tiny_vocab.txt", n_docs=200)
     files["one_doc"] = _small_corpus(tmp / "one_doc.txt", n_docs=1, words_per_doc=3000)
+    files["bad_jsonl"] = tmp / "bad.jsonl"
+    files["bad_jsonl"].write_text('{"text": "a fine document"}\n{"text": "cut short\n', encoding="utf-8")
     files["corrupt_ckpt"] = tmp / "corrupt.ckpt"
     files["corrupt_ckpt"].write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
     return files
@@ -59,6 +61,14 @@ CASES = {
         ],
         "NSP",
     ),
+    "malformed jsonl": (["data=text", "data.path={bad_jsonl}"], "bad.jsonl line 2"),
+    "unknown config option": (["scheduler=linear"], "scheduler/linear"),
+    "lr not a number": (["optim.lr=fast"], "optim.lr"),
+    "unknown resume mode": (["resume=sometimes"], "resume="),
+    "block size above the model's positions": (
+        ["model.max_seq_len=64", "data.block_size=128"],
+        "data.block_size=128 exceeds model.max_seq_len=64",
+    ),
     "missing checkpoint": (["ckpt_path={missing}"], "ckpt_path"),
     "corrupt checkpoint": (["ckpt_path={corrupt_ckpt}"], "ckpt_path"),
 }
@@ -85,3 +95,31 @@ def test_full_error_shows_traceback(cli):
     result = cli("lmexp.train", "debug=fast", "optim.lr=-1", env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "optim.lr" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A real checkpoint of a tiny run (debug=fast settings)."""
+    from conftest import make_config
+
+    from lmexp.train import train
+
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    train(make_config(run_dir, cache_dir, "trainer.max_steps=2", "logger=csv"))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "culprit"),
+    [
+        (["tokenizer=unigram"], "different tokenizer"),
+        (["model.n_layer=2"], "different model (model.n_layer: 1 there, 2 now)"),
+    ],
+    ids=["tokenizer", "model"],
+)
+def test_checkpoint_that_does_not_fit_the_run(cli, tmp_path, checkpoint, overrides, culprit):
+    result = cli("lmexp.train", "debug=fast", "logger=csv", f"ckpt_path={checkpoint}", *overrides)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"error: ckpt_path={checkpoint}") and culprit in lines[0]
+    assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("*.ckpt"))

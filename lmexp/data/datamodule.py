@@ -10,6 +10,7 @@ file lock and renamed into place, so parallel runs and DDP ranks share the work 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from lmexp.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampl
 from lmexp.data.text import read_documents, resolve_paths
 from lmexp.data.tokenizer import Tokenizer, TokenizerConfig, train_or_load_tokenizer
 from lmexp.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("builtin", "text")
 
@@ -149,6 +152,7 @@ class LanguageModelData(LightningDataModule):
             with build_lock(token_dir):
                 if not target.exists() or not target.with_suffix(".json").exists():
                     write_token_file(docs, self.tokenizer, target)
+                    log.info("built token file %s", target)
             self.token_files[split] = target
 
     def prepare_data(self) -> None:
@@ -193,6 +197,7 @@ class LanguageModelData(LightningDataModule):
                 documents = generate_documents(grammar, self.n_documents, self.corpus_seed)
                 atomic_write_text(text_file, "\n\n".join(documents) + "\n")
                 atomic_write_json(meta_file, {"n_documents": len(documents), "bpw_floor": self.bpw_floor})
+                log.info("built corpus %s", text_file)
                 return documents, key
         documents = text_file.read_text(encoding="utf-8").strip("\n").split("\n\n")
         if len(documents) != self.n_documents:

@@ -7,6 +7,7 @@ word starts with a ``"▁"`` piece, which is what the bits-per-word metric count
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ import sentencepiece as spm
 
 from lmexp.cache import atomic_write_json, build_lock, stable_hash
 from lmexp.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -213,6 +216,7 @@ def train_or_load_tokenizer(
     with build_lock(directory):
         if not model_path.is_file():  # another process may have finished it while we waited
             _build(documents, corpus_key, config, directory)
+            log.info("built tokenizer %s", model_path)
     return Tokenizer.load(model_path, threads)
 
 

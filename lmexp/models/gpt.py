@@ -23,7 +23,7 @@ from torch import nn
 
 from lmexp.errors import ConfigError
 from lmexp.models.config import ModelConfig
-from lmexp.models.layers import Block, init_weights, scale_residual_projections
+from lmexp.models.layers import Block, KVCache, init_weights, scale_residual_projections
 
 INIT_STD = 0.02  # GPT-2's initializer_range
 MLP_RATIO = 4  # GPT-2's MLP width is 4 * n_embd; fixed so exported checkpoints load in HF
@@ -118,30 +118,50 @@ class GPT(nn.Module):
         self.apply(partial(init_weights, std=INIT_STD))
         scale_residual_projections(self, config.n_layer, std=INIT_STD)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Next-token logits for every position.
+    def hidden_states(
+        self, input_ids: torch.Tensor, kv_caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states of every position (what the LM head and classification heads read).
 
         Args:
-            input_ids: Token ids of shape (B, T) with T <= ``config.max_seq_len``.
+            input_ids: Token ids of shape (B, T).
+            kv_caches: One :class:`KVCache` per block (from :meth:`new_kv_caches`) holding the earlier
+                positions; ``input_ids`` are the positions that follow them. None = no earlier positions.
 
         Returns:
-            Logits of shape (B, T, V) with V = ``config.padded_vocab_size``; position t predicts token t+1.
+            Hidden states of shape (B, T, C).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        if T > self.config.max_seq_len:
+        past = kv_caches[0].length if kv_caches else 0
+        if past + T > self.config.max_seq_len:
             raise ConfigError(
-                f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}: expected "
+                f"sequence length {past + T} exceeds model.max_seq_len={self.config.max_seq_len}: expected "
                 "data.block_size (or the generation context) <= model.max_seq_len"
             )
-        positions = torch.arange(T, device=input_ids.device)  # (T,)
+        positions = torch.arange(past, past + T, device=input_ids.device)  # (T,)
         x = self.tok_emb(input_ids) + self.pos_emb(positions)  # (B, T, C): (T, C) broadcasts over B
         x = self.drop(x)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)  # (B, T, C)
-        x = self.ln_f(x)  # (B, T, C)
-        return self.lm_head(x)  # (B, T, V)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache=kv_caches[i] if kv_caches else None)  # (B, T, C)
+        return self.ln_f(x)  # (B, T, C)
+
+    def forward(self, input_ids: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Next-token logits for every position.
+
+        Args:
+            input_ids: Token ids of shape (B, T) with T <= ``config.max_seq_len``.
+            kv_caches: See :meth:`hidden_states`; with caches, generation feeds only the new tokens.
+
+        Returns:
+            Logits of shape (B, T, V) with V = ``config.padded_vocab_size``; position t predicts token t+1.
+        """
+        return self.lm_head(self.hidden_states(input_ids, kv_caches))  # (B, T, V)
+
+    def new_kv_caches(self) -> list[KVCache]:
+        """Empty key/value caches, one per block, for incremental decoding."""
+        return [KVCache() for _ in self.blocks]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of distinct parameters (a tied matrix counts once)."""

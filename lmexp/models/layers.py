@@ -27,6 +27,42 @@ def mark_residual_projection(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
+class KVCache:
+    """Keys and values of the positions seen so far by one causal attention layer (incremental decoding).
+
+    Each decoding step appends the new positions' keys and values, so a step costs attention over the
+    cached positions instead of recomputing the whole prefix.
+    """
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None  # (B, H, L, D)
+        self.values: torch.Tensor | None = None  # (B, H, L, D)
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions L."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the keys and values (B, H, T, D) of T new positions; return all of them (B, H, L + T, D)."""
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)  # (B, H, L + T, D)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=2)  # (B, H, L + T, D)
+        return self.keys, self.values
+
+    def causal_mask(self, T: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean mask (T, L + T) letting new query i see cached keys and new keys up to i.
+
+        None when SDPA's own ``is_causal`` (an empty cache) or no mask at all (one new position, which
+        may see everything) already does it.
+        """
+        past = self.length
+        if past == 0 or T == 1:
+            return None
+        query_pos = past + torch.arange(T, device=device)  # (T,) absolute positions of the queries
+        key_pos = torch.arange(past + T, device=device)  # (L + T,)
+        return key_pos[None, :] <= query_pos[:, None]  # (T, L + T)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, using PyTorch's fused SDPA kernels.
 
@@ -52,13 +88,17 @@ class SelfAttention(nn.Module):
         self.proj = mark_residual_projection(nn.Linear(n_embd, n_embd, bias=bias))
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Attend over ``x`` of shape (B, T, C); returns (B, T, C).
 
         Args:
             x: Input activations.
             attn_mask: Only for non-causal attention. Boolean (True = may attend) or additive float mask
                 broadcastable to (B, H, T, T), e.g. a padding mask of shape (B, 1, 1, T).
+            kv_cache: Only for causal attention: keys and values of the earlier positions. ``x`` holds the
+                positions that follow them; their keys and values are appended to the cache.
         """
         if self.causal and attn_mask is not None:
             # SDPA cannot combine is_causal with an explicit mask; a decoder never needs both here.
@@ -69,6 +109,10 @@ class SelfAttention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        is_causal = self.causal
+        if kv_cache is not None:
+            attn_mask, is_causal = kv_cache.causal_mask(T, x.device), kv_cache.length == 0
+            k, v = kv_cache.append(k, v)  # 2 x (B, H, L, D), L = cached + T positions
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -76,7 +120,7 @@ class SelfAttention(nn.Module):
             attn_mask=attn_mask,
             # SDPA's dropout_p applies regardless of mode, so switch it off outside training.
             dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=self.causal,
+            is_causal=is_causal,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.proj(y))  # (B, T, C)
@@ -144,13 +188,15 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
         self.mlp = MLP(n_embd, mlp_ratio * n_embd, dropout, bias, gelu_approximate)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Map (B, T, C) to (B, T, C); ``attn_mask`` is passed to :class:`SelfAttention`."""
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Map (B, T, C) to (B, T, C); ``attn_mask`` and ``kv_cache`` go to :class:`SelfAttention`."""
         if self.norm_first:
-            x = x + self.attn(self.ln1(x), attn_mask)  # (B, T, C)
+            x = x + self.attn(self.ln1(x), attn_mask, kv_cache)  # (B, T, C)
             x = x + self.mlp(self.ln2(x))  # (B, T, C)
         else:
-            x = self.ln1(x + self.attn(x, attn_mask))  # (B, T, C)
+            x = self.ln1(x + self.attn(x, attn_mask, kv_cache))  # (B, T, C)
             x = self.ln2(x + self.mlp(x))  # (B, T, C)
         return x
 

@@ -20,6 +20,7 @@ from torch import nn
 from lmexp.models.config import ModelConfig
 from lmexp.models.layers import init_weights
 
+LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (n_layer, B, H)
 INIT_STD = 0.02  # Linear layers (projection, untied head), as in the transformers
 # The tied embedding is both the LSTM's input and the output layer, which pull its scale apart: the LSTM's
 # default U(-1/sqrt(H), 1/sqrt(H)) weights want O(1) inputs (at 0.02 the gates barely see the tokens and a
@@ -117,6 +118,34 @@ class LSTMLM(nn.Module):
             bias_hh.zero_()
             bias_ih[H : 2 * H].fill_(FORGET_GATE_BIAS)  # the two biases are summed, so set one of them
 
+    def hidden_states(
+        self, input_ids: torch.Tensor, state: LSTMState | None = None
+    ) -> tuple[torch.Tensor, LSTMState]:
+        """The last LSTM layer's output at every position, and the recurrent state after the last one.
+
+        Args:
+            input_ids: Token ids of shape (B, T).
+            state: ``(h, c)``, each (n_layer, B, H), after earlier positions; None = zero state.
+
+        Returns:
+            ``(hidden (B, T, H), (h, c))``; the head reads ``hidden``, generation carries ``(h, c)``.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        x = self.drop(self.tok_emb(input_ids))  # (B, T, E)
+        hidden, state = self.lstm(x, state)  # (B, T, H), 2 x (n_layer, B, H)
+        return hidden, state
+
+    def forward_with_state(
+        self, input_ids: torch.Tensor, state: LSTMState | None = None
+    ) -> tuple[torch.Tensor, LSTMState]:
+        """Logits (B, T, V) and the recurrent state; feed the state back to continue the sequence."""
+        hidden, state = self.hidden_states(input_ids, state)  # (B, T, H)
+        h = self.drop(hidden)  # (B, T, H)
+        if self.proj is not None:
+            h = self.proj(h)  # (B, T, E)
+        return self.lm_head(h), state  # (B, T, V)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits for every position.
 
@@ -126,14 +155,8 @@ class LSTMLM(nn.Module):
         Returns:
             Logits of shape (B, T, V) with V = ``config.padded_vocab_size``; position t predicts token t+1.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-        x = self.drop(self.tok_emb(input_ids))  # (B, T, E)
-        h, _ = self.lstm(x)  # (B, T, H): zero initial state; the final (h, c) are not needed
-        h = self.drop(h)  # (B, T, H)
-        if self.proj is not None:
-            h = self.proj(h)  # (B, T, E)
-        return self.lm_head(h)  # (B, T, V)
+        logits, _ = self.forward_with_state(input_ids)  # (B, T, V); zero initial state
+        return logits
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of distinct parameters (a tied matrix counts once)."""

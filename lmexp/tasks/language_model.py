@@ -138,10 +138,11 @@ class CausalLMTask(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_model(self) -> None:
-        # Compile in place (nn.Module.compile) so parameter names, and so checkpoints, stay the same.
-        if self.compile_model and not getattr(self, "_compiled", False):
-            self.model.compile()
-            self._compiled = True
+        # FSDP2 sharding per transformer block (under trainer=fsdp), activation checkpointing, and
+        # in-place compilation, all keeping parameter names (so checkpoints) as they are.
+        from lmexp.strategies import configure_model
+
+        configure_model(self)
 
     # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -3,8 +3,8 @@
 Masking happens here, on the batch's device, not in the data loader: each batch's mask is drawn from
 a generator seeded by (seed, step, rank), so masking is dynamic (a new mask every time a sequence is
 seen) and yet a resumed run, or a second run with the same seed, draws exactly the same masks.
-Validation and test batches are masked the same way at every evaluation (seeded by batch index), so
-their losses are comparable across evaluations.
+Validation and test sequences are masked the same way at every evaluation and in every process layout
+(each seeded by its own tokens), so their losses are comparable across evaluations and across DDP.
 """
 
 from __future__ import annotations
@@ -128,9 +128,28 @@ class MaskedLMTask(CausalLMTask):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = batch["input_ids"]  # (B, T)
         special = self.special_table[input_ids] | (batch["attention_mask"] == 0)  # (B, T) never masked
+        if stream < 0:
+            return self._masked_by_content(input_ids, special, stream)
         generator = torch.Generator(device=input_ids.device)
         generator.manual_seed(hash((self.mask_seed, stream, index, self.global_rank)) % (2**63))
         return mask_tokens(input_ids, special, self.masking, self.mask_id, self.random_ids, generator)
+
+    def _masked_by_content(
+        self, input_ids: torch.Tensor, special: torch.Tensor, stream: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation masks: each sequence's mask is seeded by its own tokens, so a val/test example is
+        masked the same way whatever batch, rank or number of processes it lands in (DDP and a single
+        process then score the same masked val set). One host read per evaluation batch."""
+        masked, labels = [], []
+        for row, row_special in zip(input_ids, special, strict=True):
+            generator = torch.Generator(device=input_ids.device)
+            generator.manual_seed(hash((self.mask_seed, stream, tuple(row.tolist()))) % (2**63))
+            ids, row_labels = mask_tokens(
+                row[None], row_special[None], self.masking, self.mask_id, self.random_ids, generator
+            )
+            masked.append(ids)
+            labels.append(row_labels)
+        return torch.cat(masked), torch.cat(labels)  # (B, T), (B, T)
 
     # --------------------------------------------------------------------------------------- steps
     def _losses(self, batch: dict[str, torch.Tensor], stream: int, index: int, split: str) -> torch.Tensor:

@@ -1,0 +1,189 @@
+"""One point of a sweep, in process: skip, forced re-run, failure isolation, the exit status, W&B identity,
+and the resumable Optuna study.
+
+The training itself is replaced by small task functions here (the end-to-end runs are in
+test_sweep_grid.py); what is tested is the real point logic of lmexp.sweep around them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lmexp.cli import config_dir
+from lmexp.errors import ConfigError
+from lmexp.loggers import run_identity
+from lmexp.sweep import SweepCallback, read_record, run_point, sweep_point, write_record
+
+
+def point_config(
+    run_dir: Path, *overrides: str, mode: RunMode = RunMode.MULTIRUN, num: int = 0
+) -> DictConfig:
+    """The config a job of a sweep sees, with Hydra's job state set as a launcher sets it."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["sweep.name=unit", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = num
+        cfg.hydra.mode = mode
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+class FakeTraining:
+    """Stands in for training: writes metrics.json like a run and returns the objective."""
+
+    def __init__(self, value: float = 1.5) -> None:
+        self.value, self.calls, self.seen = value, 0, []
+
+    def __call__(self, cfg: DictConfig) -> float:
+        self.calls += 1
+        self.seen.append(OmegaConf.to_container(cfg))
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"val/loss": self.value}))
+        return self.value
+
+
+def test_a_finished_point_is_skipped_and_rerun_true_trains_it_from_scratch(tmp_path, capsys):
+    training = FakeTraining()
+    assert run_point(training, point_config(tmp_path, "optim.lr=0.01")) == 1.5
+    assert read_record(tmp_path)["status"] == "finished"
+
+    assert run_point(training, point_config(tmp_path, "optim.lr=0.01")) == 1.5
+    assert training.calls == 1
+    assert (
+        f"skip: point {tmp_path.name} (sweep.name=unit optim.lr=0.01) already finished"
+        in capsys.readouterr().out
+    )
+
+    assert run_point(training, point_config(tmp_path, "optim.lr=0.01", "sweep.rerun=true")) == 1.5
+    assert training.calls == 2
+    assert training.seen[-1]["resume"] == "never"  # not a resume from the final checkpoint
+
+    # The same dir with other overrides is another point: it runs.
+    run_point(training, point_config(tmp_path, "optim.lr=0.02"))
+    assert training.calls == 3
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (ConfigError("model.n_head=3 does not divide model.n_embd=32"), "model.n_head=3 does not divide"),
+        (RuntimeError("CUDA out of memory"), "RuntimeError: CUDA out of memory"),
+    ],
+)
+def test_a_failing_point_is_recorded_and_does_not_raise(tmp_path, capsys, failure, expected):
+    def failing(cfg: DictConfig) -> float:
+        raise failure
+
+    value = run_point(failing, point_config(tmp_path))
+    assert isinstance(value, str) and value.startswith("failed: ")
+    with pytest.raises(ValueError):
+        float(value)  # the Optuna sweeper marks such a trial failed instead of learning from a fake number
+    record = read_record(tmp_path)
+    assert record["status"] == "failed" and expected in record["error"]
+    assert f"error: point {tmp_path.name} failed: {expected}" in capsys.readouterr().err
+    assert "Traceback" in (tmp_path / "traceback.txt").read_text()
+
+
+def test_a_nan_objective_is_a_failed_point(tmp_path):
+    assert run_point(FakeTraining(math.nan), point_config(tmp_path)).startswith(
+        "failed: objective val/loss is nan"
+    )
+    assert read_record(tmp_path)["status"] == "failed"
+
+
+def test_outside_a_sweep_the_task_runs_untouched(tmp_path):
+    @sweep_point
+    def failing(cfg: DictConfig) -> float:
+        raise ConfigError("bad")
+
+    with pytest.raises(ConfigError):
+        failing(point_config(tmp_path, mode=RunMode.RUN))
+    assert read_record(tmp_path) is None
+
+
+def _sweep(sweep_dir: Path, statuses: list[str]) -> DictConfig:
+    for num, status in enumerate(statuses):
+        objective = None if status == "failed" else 1.0 + num
+        run_dir = sweep_dir / str(num)
+        write_record(run_dir, num=num, status=status, objective=objective, overrides=[f"x={num}"],
+                     run_dir=str(run_dir), objective_name="val/loss", error=None)  # fmt: skip
+    return OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}})
+
+
+def test_the_sweep_exits_non_zero_only_when_every_point_failed(tmp_path, capsys):
+    callback = SweepCallback(report=False)
+    callback.on_multirun_start(config=OmegaConf.create())
+    callback.on_multirun_end(config=_sweep(tmp_path / "some", ["failed", "finished"]))
+    summary = json.loads((tmp_path / "some" / "summary.json").read_text())
+    assert summary["best"] == 1 and len(summary["points"]) == 2
+    assert "1 finished, 1 failed; best: point 1" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as stop:
+        callback.on_multirun_end(config=_sweep(tmp_path / "all", ["failed", "failed"]))
+    assert stop.value.code == 1
+    assert "error: all 2 points of the sweep failed" in capsys.readouterr().err
+
+
+def test_a_point_joins_the_sweep_group_with_its_overrides_as_tags(tmp_path):
+    point_config(tmp_path, "optim.lr=0.01", "paths.output_dir=/x", "logger=[csv,wandb]")
+    group, tags, job_type = run_identity(None, ["mine"], None, "unit")
+    assert (group, job_type) == ("unit", "sweep")
+    assert tags == ["mine", "optim.lr=0.01"]  # sweep.*, paths.* and logger only place the run
+
+    point_config(tmp_path, "optim.lr=0.01", mode=RunMode.RUN)
+    assert run_identity(None, [], None, "unit") == (None, [], "train")
+
+
+def test_a_resumed_optuna_study_counts_the_trials_it_holds(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from hydra_plugins.lmexp_sweep import OptunaSweeper
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=storage, study_name="s")
+    for value in (3.0, 2.0):
+        trial = study.ask()
+        study.tell(trial, value)
+    study.ask()  # left RUNNING, as by an interrupted sweep
+
+    class Impl:  # the state OptunaSweeperImpl keeps
+        n_trials, job_idx, sweep_dir, study_name = 5, 0, str(tmp_path), "s"
+        storage = f"sqlite:///{tmp_path}/optuna.db"
+
+        def _get_directions(self) -> list[str]:
+            return ["minimize"]
+
+    impl = Impl()
+    OptunaSweeper._continue_study(impl)
+    assert (impl.n_trials, impl.job_idx) == (2, 3)  # 3 trials used; new jobs are numbered after them
+    states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_an_interrupted_point_resumes_and_anything_else_in_its_dir_starts_afresh(tmp_path):
+    training = FakeTraining()
+    interrupted = {"num": 0, "status": "running", "overrides": ["sweep.name=unit", "optim.lr=0.01"]}
+    write_record(tmp_path, **interrupted)
+    run_point(training, point_config(tmp_path, "optim.lr=0.01"))
+    assert training.seen[-1]["resume"] == "auto"  # continues from its own checkpoints
+
+    write_record(tmp_path, **{**interrupted, "overrides": ["sweep.name=unit", "optim.lr=0.5"]})
+    run_point(training, point_config(tmp_path, "optim.lr=0.01"))
+    assert training.seen[-1]["resume"] == "never"  # another point's checkpoints
+
+    write_record(tmp_path, **{**interrupted, "status": "failed"})
+    run_point(training, point_config(tmp_path, "optim.lr=0.01"))
+    assert training.seen[-1]["resume"] == "never"  # a failed attempt is not continued
