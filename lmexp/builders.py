@@ -322,8 +322,30 @@ def build_loggers(cfg: DictConfig, wandb_run_id: str | None = None) -> list[Any]
         loggers.append(hydra.utils.instantiate(node, **resume))
     config = redact(OmegaConf.to_container(cfg, resolve=True))
     for logger in loggers:
+        if wandb_run_id and type(logger).__name__ == "WandbLogger":
+            _start_resumed_wandb_run(logger)
         logger.log_hyperparams(config)
     return loggers
+
+
+def _start_resumed_wandb_run(logger: Any, attempts: int = 30) -> None:
+    """Open the W&B run a resumed job continues, waiting while a killed predecessor still holds it.
+
+    After ``kill -9`` the dead job's W&B service process lives on for a few seconds and keeps the run
+    open; W&B then refuses the id ("run ID ... is in use") until it has exited.
+    """
+    import time
+
+    for attempt in range(attempts):
+        try:
+            logger.experiment  # noqa: B018 - opens the run
+            return
+        except Exception as error:
+            if "is in use" not in str(error) or attempt == attempts - 1:
+                raise
+            logging.getLogger(__name__).info("W&B run %s still held by the stopped job", logger.version)
+            logger._experiment = None
+            time.sleep(1.0)
 
 
 def wandb_run_id(loggers: list[Any]) -> str | None:

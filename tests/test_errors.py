@@ -100,9 +100,8 @@ def test_full_error_shows_traceback(cli):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """A real checkpoint of a tiny run (debug=fast settings)."""
-    from conftest import make_config
-
     from lmexp.train import train
+    from tests.conftest import make_config
 
     run_dir = tmp_path_factory.mktemp("ckpt") / "run"
     train(make_config(run_dir, cache_dir, "trainer.max_steps=2", "logger=csv"))

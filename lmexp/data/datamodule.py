@@ -17,13 +17,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 
 from lmexp.cache import atomic_write_json, atomic_write_text, build_lock, files_digest, stable_hash
 from lmexp.data.corpus import GrammarConfig, build_grammar, generate_documents
 from lmexp.data.packing import TokenBlocks, load_token_file, split_documents, write_token_file
 from lmexp.data.pairs import PairSpecials, build_pair_examples, split_sentences
-from lmexp.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampler
+from lmexp.data.sampling import ShardedLoaders
 from lmexp.data.text import read_documents, resolve_paths
 from lmexp.data.tokenizer import Tokenizer, TokenizerConfig, train_or_load_tokenizer
 from lmexp.errors import ConfigError, DataError
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("builtin", "text")
 
 
-class LanguageModelData(LightningDataModule):
+class LanguageModelData(ShardedLoaders, LightningDataModule):
     """Packed fixed-length token blocks for causal language modelling.
 
     Args:
@@ -241,10 +240,6 @@ class LanguageModelData(LightningDataModule):
             except DataError as error:
                 raise DataError(f"{split} split: {error}") from None
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def _loader_options(self) -> dict[str, Any]:
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         workers = self.num_workers
@@ -257,32 +252,11 @@ class LanguageModelData(LightningDataModule):
             "generator": torch.Generator().manual_seed(self.seed),
         }
 
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank()
-        dataset = self.datasets["train"]
-        if len(dataset) // world < self.batch_size:
-            raise DataError(
-                f"train split has {len(dataset)} blocks of data.block_size={self.block_size}, fewer than "
-                f"one batch of data.batch_size={self.batch_size} per device; lower data.batch_size"
-            )
-        sampler = EpochShuffleSampler(len(dataset), self.seed, rank, world)
-        return ResumableLoader(dataset, sampler, self.batch_size, self._progress, **self._loader_options())
-
-    def _progress(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        rank, world = self._rank()
-        dataset = self.datasets[split]
-        sampler = ShardSampler(len(dataset), rank, world)
-        return DataLoader(dataset, sampler=sampler, batch_size=self.batch_size, **self._loader_options())
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+    def _too_few_for_a_batch(self, n_examples: int) -> str:
+        return (
+            f"train split has {n_examples} blocks of data.block_size={self.block_size}, fewer than "
+            f"one batch of data.batch_size={self.batch_size}"
+        )
 
     @property
     def has_test(self) -> bool:

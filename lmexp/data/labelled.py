@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lmexp.cache import atomic_path, build_lock, files_digest
 from lmexp.data.packing import IGNORE_INDEX
-from lmexp.data.sampling import EpochShuffleSampler, ResumableLoader, ShardSampler
+from lmexp.data.sampling import ShardedLoaders
 from lmexp.data.tokenizer import MODEL_FILE, Tokenizer, TokenizerConfig, train_or_load_tokenizer
 from lmexp.errors import ConfigError, DataError
 
@@ -195,7 +195,7 @@ class PadCollator:
 
 
 # ---------------------------------------------------------------------------------------- data module
-class LabelledData(LightningDataModule):
+class LabelledData(ShardedLoaders, LightningDataModule):
     """Labelled examples for ``task=classify`` (text -> label) and ``task=ner`` (words -> tags).
 
     Args:
@@ -381,10 +381,6 @@ class LabelledData(LightningDataModule):
         return LabelledExamples(input_ids, labels, n_words)
 
     # ---------------------------------------------------------------------------------- loaders
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def _loader_options(self) -> dict[str, Any]:
         workers = self.num_workers
         return {
@@ -394,33 +390,11 @@ class LabelledData(LightningDataModule):
             "generator": torch.Generator().manual_seed(self.seed),
         }
 
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank()
-        dataset = self.datasets["train"]
-        if len(dataset) // world < self.batch_size:
-            raise DataError(
-                f"data.train_path: {len(dataset)} examples are fewer than one batch of "
-                f"data.batch_size={self.batch_size} per device; lower data.batch_size"
-            )
-        sampler = EpochShuffleSampler(len(dataset), self.seed, rank, world)
-        return ResumableLoader(dataset, sampler, self.batch_size, self._progress, **self._loader_options())
-
-    def _progress(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
-    def eval_dataloader(self, split: str) -> DataLoader:
-        """In-order loader of ``split``, sharded across ranks."""
-        rank, world = self._rank()
-        dataset = self.datasets[split]
-        sampler = ShardSampler(len(dataset), rank, world)
-        return DataLoader(dataset, sampler=sampler, batch_size=self.batch_size, **self._loader_options())
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("test")
+    def _too_few_for_a_batch(self, n_examples: int) -> str:
+        return (
+            f"data.train_path: {n_examples} examples are fewer than one batch of "
+            f"data.batch_size={self.batch_size}"
+        )
 
     @property
     def has_test(self) -> bool:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lmexp.errors import DataError
+
 
 class EpochShuffleSampler(Sampler[int]):
     """A fresh seeded permutation each epoch; rank r of w takes every w-th index (equal shares)."""
@@ -90,3 +92,55 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.resume(state["epoch"], state["batches_done"] * state["batch_size"])
+
+
+class ShardedLoaders:
+    """The loaders of a data module over map-style ``self.datasets[split]``, sharded across ranks.
+
+    Training: a per-epoch shuffle, disjoint per rank, resumable mid-epoch. Validation and test: in order,
+    each example on exactly one rank. The data module provides ``datasets``, ``batch_size``, ``trainer``
+    and ``_loader_options()``; ``_too_few_for_a_batch`` words the error when the train split is too small.
+    """
+
+    datasets: dict[str, Any]
+    batch_size: int
+    seed: int
+    trainer: Any
+
+    def _loader_options(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _too_few_for_a_batch(self, n_examples: int) -> str:
+        return (
+            f"train split has {n_examples} examples, "
+            f"fewer than one batch of data.batch_size={self.batch_size}"
+        )
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _progress(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        dataset = self.datasets["train"]
+        if len(dataset) // world < self.batch_size:
+            raise DataError(f"{self._too_few_for_a_batch(len(dataset))} per device; lower data.batch_size")
+        sampler = EpochShuffleSampler(len(dataset), self.seed, rank, world)
+        return ResumableLoader(dataset, sampler, self.batch_size, self._progress, **self._loader_options())
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """In-order loader of ``split``, sharded across ranks."""
+        rank, world = self._rank()
+        dataset = self.datasets[split]
+        sampler = ShardSampler(len(dataset), rank, world)
+        return DataLoader(dataset, sampler=sampler, batch_size=self.batch_size, **self._loader_options())
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")

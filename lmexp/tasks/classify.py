@@ -64,6 +64,14 @@ def drop_unused_heads(backbone: nn.Module, keep_pooler: bool) -> None:
         backbone.lm_head = None
 
 
+def new_head(width: int, n_labels: int) -> nn.Linear:
+    """A fresh classification layer, initialised like the backbone's (normal, std 0.02; zero bias)."""
+    head = nn.Linear(width, n_labels)
+    nn.init.normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class SequenceClassifier(nn.Module):
     """``input_ids`` (B, T) and ``attention_mask`` (B, T) -> label logits (B, K)."""
 
@@ -72,9 +80,7 @@ class SequenceClassifier(nn.Module):
         drop_unused_heads(backbone, keep_pooler=True)
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(hidden_width(backbone), n_labels)
-        nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier = new_head(hidden_width(backbone), n_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = token_states(self.backbone, input_ids, attention_mask)  # (B, T, C)

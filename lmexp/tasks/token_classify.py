@@ -21,6 +21,7 @@ from lmexp.tasks.classify import (
     SequenceClassificationTask,
     drop_unused_heads,
     hidden_width,
+    new_head,
     token_states,
 )
 
@@ -47,9 +48,7 @@ class TokenClassifier(nn.Module):
         drop_unused_heads(backbone, keep_pooler=False)
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(hidden_width(backbone), n_labels)
-        nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier = new_head(hidden_width(backbone), n_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = token_states(self.backbone, input_ids, attention_mask)  # (B, T, C)

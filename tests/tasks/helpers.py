@@ -105,9 +105,8 @@ _pretrained: dict[str, Path] = {}
 def pretrained_checkpoint(model: str, root: Path, cache_dir: Path) -> Path:
     """``checkpoints/last.ckpt`` of a few-step pre-training run of ``model`` (built once per session)."""
     if model not in _pretrained:
-        from conftest import make_config
-
         from lmexp.train import train
+        from tests.conftest import make_config
 
         run_dir = root / f"pretrained-{model}"
         extra = ["data.block_size=64", "data.batch_size=16"] if model == "bert" else []
@@ -139,9 +138,8 @@ def compose_tool(name: str, run_dir: Path, cache_dir: Path, *overrides: str) -> 
 
 def finetune(model_ckpt: Path | None, kind: str, root: Path, cache_dir: Path, *overrides: str) -> Path:
     """Fine-tune (``init_from=model_ckpt``) on generated ``kind`` data; return the run dir."""
-    from conftest import make_config
-
     from lmexp.train import train
+    from tests.conftest import make_config
 
     run_dir = root / f"finetune-{kind}-{len(list(root.glob('finetune-*')))}"
     init = [f"init_from={model_ckpt}"] if model_ckpt else []
