@@ -328,24 +328,31 @@ def build_loggers(cfg: DictConfig, wandb_run_id: str | None = None) -> list[Any]
     return loggers
 
 
-def _start_resumed_wandb_run(logger: Any, attempts: int = 30) -> None:
-    """Open the W&B run a resumed job continues, waiting while a killed predecessor still holds it.
+def _start_resumed_wandb_run(logger: Any, attempts: int = 15) -> None:
+    """Open the W&B run a resumed job continues; if a killed predecessor still holds it, start a new one.
 
-    After ``kill -9`` the dead job's W&B service process lives on for a few seconds and keeps the run
-    open; W&B then refuses the id ("run ID ... is in use") until it has exited.
+    After ``kill -9`` of the training process alone, its W&B service process can live on and keep the run
+    open; W&B then refuses the id ("run ID ... is in use"). Wait a little for it to exit, then log to a
+    fresh W&B run rather than fail the resumed training.
     """
     import time
 
+    log = logging.getLogger(__name__)
+    run_id = logger.version
     for attempt in range(attempts):
         try:
             logger.experiment  # noqa: B018 - opens the run
             return
         except Exception as error:
-            if "is in use" not in str(error) or attempt == attempts - 1:
+            if "is in use" not in str(error):
                 raise
-            logging.getLogger(__name__).info("W&B run %s still held by the stopped job", logger.version)
+            if attempt == 0:
+                log.info("W&B run %s is still held by the stopped job; waiting for it", run_id)
             logger._experiment = None
             time.sleep(1.0)
+    log.warning("W&B run %s is still held by the stopped job; logging to a new W&B run", run_id)
+    logger._wandb_init["id"], logger._id = None, None
+    logger.experiment  # noqa: B018
 
 
 def wandb_run_id(loggers: list[Any]) -> str | None:

@@ -49,6 +49,7 @@ def _start(run_dir: Path, cache_dir: Path, *overrides: str, **env: str) -> subpr
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, which a scheduler's kill takes down whole
     )
 
 
@@ -107,7 +108,7 @@ def test_kill9_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, ca
     process = _start(run_dir, cache_dir, "callbacks.checkpoint.every_n_train_steps=7")
     _wait_for(run_dir / "checkpoints" / "last.ckpt", process)
     time.sleep(0.5)  # somewhere after the first checkpoint, maybe inside the next write
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # the job and its helpers (W&B's service), as SLURM does
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "metrics.json").exists()
