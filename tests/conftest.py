@@ -33,6 +33,10 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("WANDB_CACHE_DIR", str(wandb_home))
     monkeypatch.setenv("WANDB_DATA_DIR", str(wandb_home))
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    # W&B records its service's address in os.environ once a run starts in this process; a child process
+    # that inherits it registers its runs with our service, so a child killed with -9 leaves its run held
+    # there for the rest of the session. Each child must start its own service, as a real job does.
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 @pytest.fixture(scope="session")
