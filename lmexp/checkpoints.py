@@ -126,8 +126,7 @@ def check_resumable(
     if saved is not None and saved != model_config:
         changed = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
         details = ", ".join(
-            f"model.{k}: {saved.get(k)!r} there, {model_config.get(k)!r} now"
-            for k in changed
+            f"model.{k}: {saved.get(k)!r} there, {model_config.get(k)!r} now" for k in changed
         )
         raise CheckpointError(f"ckpt_path={path} was trained with a different model ({details})")
     saved_tokenizer = extras.get("tokenizer_model")

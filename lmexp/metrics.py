@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torchmetrics import MeanMetric, Metric, MetricCollection, SumMetric
+from torchmetrics import Metric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 IGNORE_INDEX = -100
@@ -22,11 +22,15 @@ class LanguageModelMetrics(torch.nn.Module):
 
     def __init__(self, vocab_size: int) -> None:
         super().__init__()
+        # Updated on every training step, so nothing here may wait on the device: sums without torchmetrics'
+        # NaN scan (a NaN loss should show, not be dropped) and accuracy without its argument checks.
         metrics: dict[str, Metric] = {
-            "loss": MeanMetric(),
-            "acc": MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX),
-            "nll_sum": SumMetric(),
-            "words": SumMetric(),
+            "acc": MulticlassAccuracy(
+                num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX, validate_args=False
+            ),
+            "nll_sum": SumMetric(nan_strategy="disable"),
+            "tokens": SumMetric(nan_strategy="disable"),
+            "words": SumMetric(nan_strategy="disable"),
         }
         self.metrics = MetricCollection(metrics, compute_groups=False)
         self.vocab_size = vocab_size
@@ -37,17 +41,16 @@ class LanguageModelMetrics(torch.nn.Module):
     ):
         """Add a batch: ``logits`` (B, T, V'), ``labels`` (B, T), its summed NLL and word count."""
         logits = logits[..., : self.vocab_size]  # drop padded vocabulary rows; they are never targets
-        n_tokens = (labels != IGNORE_INDEX).sum()
-        self.metrics["loss"].update(nll_sum / n_tokens.clamp(min=1), weight=n_tokens)
         self.metrics["acc"].update(logits.argmax(dim=-1).flatten(), labels.flatten())
         self.metrics["nll_sum"].update(nll_sum)
+        self.metrics["tokens"].update((labels != IGNORE_INDEX).sum())
         self.metrics["words"].update(n_words.sum())
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The split's metrics; ``bpw`` only when words were counted."""
         values = self.metrics.compute()
-        out = {"loss": values["loss"], "acc": values["acc"]}
-        out["ppl"] = torch.exp(values["loss"])
+        loss = values["nll_sum"] / values["tokens"].clamp(min=1)  # token-weighted mean NLL, all ranks
+        out = {"loss": loss, "acc": values["acc"], "ppl": torch.exp(loss)}
         if values["words"] > 0:
             out["bpw"] = values["nll_sum"] / math.log(2) / values["words"]
         return out

@@ -135,4 +135,3 @@ def _csv_file(node: Any) -> Path:
     else:
         version_dir = version if isinstance(version, str) else f"version_{version}"
     return Path(str(node.save_dir)) / str(node.get("name") or "") / version_dir / "metrics.csv"
-

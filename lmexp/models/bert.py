@@ -240,16 +240,25 @@ class BERT(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        mlm_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-training logits; the arguments are those of :meth:`encode`.
+        """Pre-training logits; the first three arguments are those of :meth:`encode`.
+
+        Args:
+            mlm_positions: Optional flat indices (N,) into the B * T positions: the MLM head then runs on
+                those positions only (training needs it at the ~15% masked ones; the vocabulary-wide
+                head is most of a small model's compute).
 
         Returns:
-            ``(mlm_logits, nsp_logits)`` of shapes (B, T, V), V = ``config.padded_vocab_size``, and (B, 2)
-            (index 0 = "B follows A", as in Hugging Face's ``next_sentence_label``).
+            ``(mlm_logits, nsp_logits)`` of shapes (B, T, V), or (N, V) with ``mlm_positions``, where
+            V = ``config.padded_vocab_size``; and (B, 2) (index 0 = "B follows A", as in Hugging Face's
+            ``next_sentence_label``).
         """
         hidden = self.encode(input_ids, token_type_ids, attention_mask)  # (B, T, C)
-        mlm_logits = self.mlm_head(hidden)  # (B, T, V)
         nsp_logits = self.nsp_head(self.pool(hidden))  # (B, 2)
+        if mlm_positions is not None:
+            hidden = hidden.flatten(0, 1)[mlm_positions]  # (N, C)
+        mlm_logits = self.mlm_head(hidden)  # (B, T, V) or (N, V)
         return mlm_logits, nsp_logits
 
     def num_parameters(self, trainable_only: bool = False) -> int:

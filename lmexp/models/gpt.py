@@ -118,9 +118,7 @@ class GPT(nn.Module):
         self.apply(partial(init_weights, std=INIT_STD))
         scale_residual_projections(self, config.n_layer, std=INIT_STD)
 
-    def hidden_states(
-        self, input_ids: torch.Tensor, kv_caches: list[KVCache] | None = None
-    ) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
         """Final-norm hidden states of every position (what the LM head and classification heads read).
 
         Args:

@@ -131,11 +131,18 @@ class CausalLMTask(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         keywords = getattr(self.optimizer_factory, "keywords", {})
         groups = decay_parameter_groups(self.model, keywords.get("weight_decay", 0.0))
-        optimizer = self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(
+            groups, **fused_kernel_option(self.optimizer_factory, groups, self._under_autocast())
+        )
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _under_autocast(self) -> bool:
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        return self._trainer is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
 
     def configure_model(self) -> None:
         # FSDP2 sharding per transformer block (under trainer=fsdp), activation checkpointing, and
@@ -160,6 +167,32 @@ class CausalLMTask(LightningModule):
             torch.set_rng_state(rng["torch"])
             np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
             random.setstate(rng["python"])
+
+
+# Optimizers with a fused single-kernel step in torch, on these device types.
+_FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_kernel_option(
+    factory: OptimizerFactory, groups: list[dict], autocast: bool = False
+) -> dict[str, bool]:
+    """``{"fused": True}`` when the optimizer config leaves the choice open and torch has a fused step here.
+
+    AdamW's default on CPU updates one tensor at a time; the fused kernel does the whole step in one pass
+    and is several times faster (bench/RESULTS.md). An explicit ``optim.fused`` or ``optim.foreach`` wins.
+    Kept off for FSDP2's sharded parameters (DTensors) and under Lightning's mixed precision (``autocast``),
+    which refuses to clip gradients for an optimizer that unscales them itself, as fused ones do; torch's
+    default then applies (the multi-tensor step on GPUs).
+    """
+    keywords = getattr(factory, "keywords", {})
+    if autocast or getattr(factory, "func", None) not in _FUSED_OPTIMIZERS:
+        return {}
+    if keywords.get("fused") is not None or keywords.get("foreach") is not None:
+        return {}
+    params = [p for group in groups for p in group["params"]]
+    plain = all(type(p.data) is torch.Tensor and p.device.type in _FUSED_DEVICES for p in params)
+    return {"fused": True} if params and plain else {}
 
 
 def _numpy_state_to_plain(state: tuple) -> list:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lmexp.data.masking import MaskingConfig, mask_tokens
@@ -31,25 +31,61 @@ class NSPMetrics(torch.nn.Module):
         super().__init__()
         self.metrics = MetricCollection(
             {
-                "nsp_loss": MeanMetric(),
-                "nsp_acc": MulticlassAccuracy(num_classes=2, average="micro"),
-                "nsp_f1": MulticlassF1Score(num_classes=2, average="macro"),
+                # As in LanguageModelMetrics: nothing that waits on the device in a training step.
+                "nsp_loss_sum": SumMetric(nan_strategy="disable"),
+                "pairs": SumMetric(nan_strategy="disable"),
+                "nsp_acc": MulticlassAccuracy(num_classes=2, average="micro", validate_args=False),
+                "nsp_f1": MulticlassF1Score(num_classes=2, average="macro", validate_args=False),
             },
             compute_groups=False,
         )
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
-        self.metrics["nsp_loss"].update(loss, weight=labels.numel())
+        self.metrics["nsp_loss_sum"].update(loss * labels.numel())
+        self.metrics["pairs"].update(labels.numel())
         preds = logits.argmax(dim=-1)
         self.metrics["nsp_acc"].update(preds, labels)
         self.metrics["nsp_f1"].update(preds, labels)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return dict(self.metrics.compute())
+        values = dict(self.metrics.compute())
+        values["nsp_loss"] = values.pop("nsp_loss_sum") / values.pop("pairs").clamp(min=1)
+        return values
 
     def reset(self) -> None:
         self.metrics.reset()
+
+
+def mlm_loss_sum(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed MLM loss of a masked batch, and what the metrics need.
+
+    The MLM head runs on the masked positions only (BERT's ``mlm_positions``): the same loss as over
+    every position with the others ignored, at a fraction of the head's cost. Finding the positions
+    reads their number from the device, one host sync per batch on a GPU.
+
+    Args:
+        model: a BERT-like model: ``(input_ids, token_type_ids, attention_mask, mlm_positions)`` ->
+            ``(mlm_logits (N, V'), nsp_logits (B, 2))``.
+        labels: (B, T), the original ids at the masked positions and IGNORE_INDEX elsewhere.
+
+    Returns:
+        ``(mlm_sum, n_masked, mlm_logits, labels, nsp_logits)``: the summed cross-entropy, the number
+        of masked positions N, their logits (N, V') and labels (N,), and the NSP logits (B, 2).
+    """
+    flat_labels = labels.flatten()  # (B * T,)
+    positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+    mlm_logits, nsp_logits = model(input_ids, token_type_ids, attention_mask, positions)  # (N, V'), (B, 2)
+    masked_labels = flat_labels[positions]  # (N,)
+    mlm_sum = F.cross_entropy(mlm_logits.float(), masked_labels, reduction="sum")
+    n_masked = torch.tensor(positions.numel(), device=labels.device)
+    return mlm_sum, n_masked, mlm_logits, masked_labels, nsp_logits
 
 
 class MaskedLMTask(CausalLMTask):
@@ -154,12 +190,10 @@ class MaskedLMTask(CausalLMTask):
     # --------------------------------------------------------------------------------------- steps
     def _losses(self, batch: dict[str, torch.Tensor], stream: int, index: int, split: str) -> torch.Tensor:
         input_ids, labels = self._masked(batch, stream, index)
-        mlm_logits, nsp_logits = self.model(input_ids, batch["token_type_ids"], batch["attention_mask"])
-        mlm_sum = F.cross_entropy(
-            mlm_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        mlm_sum, n_masked, mlm_logits, labels, nsp_logits = mlm_loss_sum(
+            self.model, input_ids, batch["token_type_ids"], batch["attention_mask"], labels
         )
-        n_masked = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        loss = mlm_sum / n_masked
+        loss = mlm_sum / n_masked.clamp(min=1)
         no_words = torch.zeros(1, dtype=torch.long, device=input_ids.device)
         detach = split == "train"
         mlm_metrics = getattr(self, f"{split}_metrics")

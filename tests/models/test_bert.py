@@ -357,3 +357,25 @@ def test_overfits_tiny_batch() -> None:
         optimizer.step()
     final = loss_fn().item()
     assert final < 0.25 * initial, (initial, final)
+
+
+def test_mlm_head_at_given_positions_equals_the_full_head_there() -> None:
+    from lmexp.metrics import IGNORE_INDEX
+    from lmexp.tasks.masked_lm import mlm_loss_sum
+
+    torch.manual_seed(0)
+    model = tiny_config().build().eval()
+    ids = torch.randint(5, 50, (3, 12))
+    types = torch.zeros_like(ids)
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 2], labels[1, 5], labels[2, 11] = 7, 8, 9
+    full, nsp = model(ids, types, mask)  # (B, T, V)
+    mlm_sum, n_masked, logits, masked_labels, nsp_at = mlm_loss_sum(model, ids, types, mask, labels)
+    expected_sum = F.cross_entropy(
+        full.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    torch.testing.assert_close(logits, full[labels != IGNORE_INDEX])
+    torch.testing.assert_close(mlm_sum, expected_sum)
+    torch.testing.assert_close(nsp_at, nsp)
+    assert int(n_masked) == 3 and masked_labels.tolist() == [7, 8, 9]

@@ -1,0 +1,224 @@
+"""Model step: one training step (forward, loss, backward, AdamW) of lmexp's models against Hugging Face's.
+
+Both sides get the same dimensions, batch, sequence length, thread count and input tensors; each side
+runs as its own framework trains it:
+
+- lmexp: the model from ``conf/model/*.yaml``, the loss as the task computes it, the optimizer the task
+  configures from ``conf/optim/adamw.yaml`` (decay groups; the fused step where torch has one).
+- Hugging Face: ``GPT2LMHeadModel`` / ``BertForMaskedLM`` with ``attn_implementation="sdpa"``, the loss
+  the model computes from ``labels``, and ``torch.optim.AdamW(fused=True)``, which is what the HF Trainer
+  uses by default with torch >= 2.8 (``optim="adamw_torch_fused"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Result, interleaved, median, spread
+
+
+@dataclass
+class StepShape:
+    """Sizes shared by both sides of a comparison."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.n_layer} layers x {self.n_embd} wide, {self.n_head} heads, vocab {self.vocab_size}, "
+            f"seq {self.seq_len}, batch {self.batch_size}, fp32"
+        )
+
+
+# The peer figure in the project's notes was taken at this GPT size; BERT uses the same width and depth.
+GPT_SHAPE = StepShape(n_layer=4, n_head=4, n_embd=256, vocab_size=4000, seq_len=256, batch_size=8)
+BERT_SHAPE = StepShape(n_layer=4, n_head=4, n_embd=256, vocab_size=4000, seq_len=128, batch_size=16)
+SMOKE_SHAPE = StepShape(n_layer=1, n_head=2, n_embd=32, vocab_size=300, seq_len=16, batch_size=2)
+
+
+def lmexp_config(model: str, overrides: list[str]):
+    """The composed lmexp config for ``model`` (so conf/optim and conf/model defaults apply)."""
+    from hydra import compose, initialize_config_dir
+
+    from lmexp.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=[f"model={model}", *overrides])
+
+
+def _lmexp_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    import hydra
+
+    from lmexp.tasks.language_model import CausalLMTask
+
+    task = CausalLMTask(
+        model, optimizer=hydra.utils.instantiate(cfg.optim), vocab_size=model.config.vocab_size
+    )
+    return task.configure_optimizers()["optimizer"]
+
+
+def _train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    def step() -> None:
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def gpt_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], None]]:
+    """One training step of lmexp's GPT and of HF's GPT2LMHeadModel, as closures."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmexp.builders import build_config_object
+
+    torch.manual_seed(0)
+    cfg = lmexp_config("gpt", [*_shape_overrides(shape), *overrides])
+    config = build_config_object(cfg.model, "model", vocab_size=shape.vocab_size)
+    ours = config.build().train()
+    ours_optimizer = _lmexp_optimizer(cfg, ours)
+
+    theirs = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=shape.vocab_size,
+            n_positions=shape.seq_len,
+            n_embd=shape.n_embd,
+            n_layer=shape.n_layer,
+            n_head=shape.n_head,
+            activation_function="gelu_new",
+            resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout,
+            tie_word_embeddings=True,
+            attn_implementation="sdpa",
+        ),
+    ).train()
+    _require_sdpa(theirs)
+    theirs_optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True)
+
+    tokens = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len + 1))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def our_loss() -> torch.Tensor:
+        logits = ours(inputs)  # (B, T, V')
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+    def their_loss() -> torch.Tensor:
+        return theirs(input_ids=inputs, labels=inputs).loss  # shifts internally: T - 1 predictions
+
+    return {"lmexp": _train_step(our_loss, ours_optimizer), "hf": _train_step(their_loss, theirs_optimizer)}
+
+
+def bert_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], None]]:
+    """One MLM training step of lmexp's BERT (NSP off) and of HF's BertForMaskedLM, as closures."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from lmexp.builders import build_config_object
+    from lmexp.tasks.masked_lm import mlm_loss_sum
+
+    torch.manual_seed(0)
+    cfg = lmexp_config("bert", [*_shape_overrides(shape), *overrides])
+    config = build_config_object(cfg.model, "model", vocab_size=shape.vocab_size)
+    ours = config.build().train()
+    ours_optimizer = _lmexp_optimizer(cfg, ours)
+
+    theirs = BertForMaskedLM(
+        BertConfig(
+            vocab_size=shape.vocab_size,
+            hidden_size=shape.n_embd,
+            num_hidden_layers=shape.n_layer,
+            num_attention_heads=shape.n_head,
+            intermediate_size=4 * shape.n_embd,
+            max_position_embeddings=shape.seq_len,
+            hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout,
+            layer_norm_eps=config.layer_norm_eps,
+            attn_implementation="sdpa",
+        ),
+    ).train()
+    _require_sdpa(theirs)
+    theirs_optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True)
+
+    # One masked batch for both: 15% of positions carry a label, the last eighth of each row is padding.
+    B, T = shape.batch_size, shape.seq_len
+    input_ids = torch.randint(5, shape.vocab_size, (B, T))
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    attention_mask[:, T - T // 8 :] = 0
+    token_type_ids = torch.zeros(B, T, dtype=torch.long)
+    token_type_ids[:, T // 2 :] = 1
+    selected = (torch.rand(B, T) < 0.15) & (attention_mask == 1)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+
+    def our_loss() -> torch.Tensor:
+        mlm_sum, n_masked, *_ = mlm_loss_sum(ours, input_ids, token_type_ids, attention_mask, labels)
+        return mlm_sum / n_masked.clamp(min=1)
+
+    def their_loss() -> torch.Tensor:
+        return theirs(
+            input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, labels=labels
+        ).loss
+
+    return {"lmexp": _train_step(our_loss, ours_optimizer), "hf": _train_step(their_loss, theirs_optimizer)}
+
+
+def _require_sdpa(model: torch.nn.Module) -> None:
+    used = model.config._attn_implementation
+    if used != "sdpa":
+        raise RuntimeError(f"the Hugging Face peer runs {used!r} attention, not sdpa")
+
+
+def _shape_overrides(shape: StepShape) -> list[str]:
+    return [
+        f"model.n_layer={shape.n_layer}",
+        f"model.n_head={shape.n_head}",
+        f"model.n_embd={shape.n_embd}",
+        f"data.block_size={shape.seq_len}",
+    ]
+
+
+def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]:
+    """Both comparisons; ``smoke`` = tiny shapes and one short round (checks the code, measures nothing)."""
+    overrides = overrides or []
+    rounds, repeats = (1, 1) if smoke else (7, 3)
+    results = []
+    for name, build, shape in (("gpt", gpt_steps, GPT_SHAPE), ("bert", bert_steps, BERT_SHAPE)):
+        shape = SMOKE_SHAPE if smoke else shape
+        seconds = interleaved(
+            build(shape, overrides), rounds=rounds, repeats=repeats, warmup=1 if smoke else 2
+        )
+        tokens = shape.batch_size * shape.seq_len
+        ours, theirs = median(seconds["lmexp"]), median(seconds["hf"])
+        ratio = theirs / ours
+        results.append(
+            Result(
+                name=f"model_step/{name}",
+                values={
+                    "lmexp_steps_per_sec": 1 / ours,
+                    "hf_steps_per_sec": 1 / theirs,
+                    "lmexp_tokens_per_sec": tokens / ours,
+                    "hf_tokens_per_sec": tokens / theirs,
+                    "lmexp_round_spread": spread(seconds["lmexp"]),
+                    "hf_round_spread": spread(seconds["hf"]),
+                },
+                ratio=ratio,
+                ratio_meaning="lmexp / HF steps per second",
+                goal=">= 1.2",
+                met=ratio >= 1.2,
+                notes=[
+                    shape.describe(),
+                    f"{torch.get_num_threads()} threads, {rounds} rounds x {repeats} steps, median",
+                    *([f"lmexp overrides: {' '.join(overrides)}"] if overrides else []),
+                ],
+            )
+        )
+    return results

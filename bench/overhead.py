@@ -1,0 +1,148 @@
+"""Framework overhead: the full ``lmexp.train`` path against a bare PyTorch loop over the same model and data.
+
+The full path is everything a user gets from ``python -m lmexp.train``: Hydra's config, Lightning's loop,
+torchmetrics updated every step, the CSV and W&B (offline) loggers, the rich progress bar, the
+throughput, learning-rate and checkpoint callbacks. The bare loop builds the same model, optimizer,
+schedule and DataLoader through lmexp's builders and then does only the arithmetic: fetch a batch,
+forward, loss, backward, clip, step. Both are timed per step in steady state (after a warm-up); a full
+run's steps include the logging every ``trainer.log_every_n_steps``, so its mean step time carries that
+cost. Runs alternate: full, bare, full, bare.
+
+The same runs give the DataLoader wait: the share of the bare loop's step spent waiting for the next
+batch, and (an upper bound) the share of the full path's step spent between one step's end and the
+next one's start.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from bench.common import Result, compose_job, median
+
+DEFAULT_OVERRIDES = ["model=gpt"]  # the README's main job, shortened below
+SMOKE_OVERRIDES = ["debug=fast"]
+
+
+class StepClock(Callback):
+    """Records when each training batch starts and ends."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def _job_overrides(base: list[str], steps: int) -> list[str]:
+    # Validation only once, after the timed steps, so no step in the window includes it.
+    return [*base, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "run_test=false"]
+
+
+def full_path_steps(base: list[str], steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Per-step seconds of a full ``lmexp.train`` run, and the gaps from a step's end to the next start."""
+    from lmexp.train import train
+
+    clock = StepClock()
+    with tempfile.TemporaryDirectory(prefix="lmexp-bench-") as run_dir:
+        train(compose_job(_job_overrides(base, steps), Path(run_dir)), extra_callbacks=[clock])
+    step_times = [b - a for a, b in zip(clock.starts, clock.starts[1:], strict=False)][warmup:]
+    gaps = [start - end for end, start in zip(clock.ends, clock.starts[1:], strict=False)][warmup:]
+    return step_times, gaps
+
+
+def bare_loop_steps(base: list[str], steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Per-step seconds of a plain loop over lmexp's model and data, and the time in ``next(loader)``."""
+    import lightning.pytorch as pl
+
+    from lmexp.builders import build_datamodule, build_task
+    from lmexp.metrics import IGNORE_INDEX
+
+    with tempfile.TemporaryDirectory(prefix="lmexp-bench-") as run_dir:
+        cfg = compose_job(_job_overrides(base, steps), Path(run_dir))
+        pl.seed_everything(cfg.seed, verbose=False)
+        datamodule = build_datamodule(cfg)
+        datamodule.prepare()
+        datamodule.setup("fit")
+        task = build_task(cfg, datamodule)
+    model = task.model.train()
+    configured = task.configure_optimizers()
+    optimizer = configured["optimizer"]
+    scheduler = configured.get("lr_scheduler", {}).get("scheduler")
+    clip = cfg.trainer.gradient_clip_val
+    batches = iter(datamodule.train_dataloader())
+    step_times, waits = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        fetched = time.perf_counter()
+        logits = model(batch["input_ids"])  # (B, T, V')
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
+        )
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - start)
+        waits.append(fetched - start)
+    return step_times[warmup:], waits[warmup:]
+
+
+def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]:
+    base = [*(SMOKE_OVERRIDES if smoke else DEFAULT_OVERRIDES), *(overrides or [])]
+    steps, warmup, rounds = (6, 2, 1) if smoke else (60, 10, 2)
+    full_means, bare_means, full_gaps, waits = [], [], [], []
+    for _ in range(rounds):
+        step_times, gaps = full_path_steps(base, steps, warmup)
+        full_means.append(statistics.mean(step_times))
+        full_gaps.append(statistics.mean(gaps) / statistics.mean(step_times))
+        step_times, wait = bare_loop_steps(base, steps, warmup)
+        bare_means.append(statistics.mean(step_times))
+        waits.append(statistics.mean(wait) / statistics.mean(step_times))
+    full, bare = median(full_means), median(bare_means)
+    round_ratios = [f / b for f, b in zip(full_means, bare_means, strict=True)]
+    ratio = full / bare
+    wait_share = median(waits)
+    notes = [f"lmexp.train {' '.join(base)}", f"{rounds} rounds of {steps} steps, first {warmup} dropped"]
+    return [
+        Result(
+            name="overhead/full_path",
+            values={
+                "full_path_step_sec": full,
+                "bare_loop_step_sec": bare,
+                "lowest_round_ratio": min(round_ratios),
+                "highest_round_ratio": max(round_ratios),
+            },
+            ratio=ratio,
+            ratio_meaning="full lmexp.train step time / bare PyTorch loop step time",
+            goal="<= 1.05",
+            met=ratio <= 1.05,
+            notes=notes,
+        ),
+        Result(
+            name="data/loader_wait",
+            values={"bare_loop_wait_share": wait_share, "full_path_between_steps_share": median(full_gaps)},
+            ratio=wait_share,
+            ratio_meaning="share of the step spent waiting for the DataLoader (bare loop)",
+            goal="< 0.02",
+            met=wait_share < 0.02,
+            notes=[*notes, "full_path_between_steps_share also holds Lightning's hooks and logging"],
+        ),
+    ]

@@ -1,0 +1,68 @@
+"""The benchmarks run (``python -m bench --smoke``): one tiny iteration each, so they cannot rot.
+
+Nothing here times anything: speed is measured by ``python -m bench`` itself, as ratios against peers,
+and recorded in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("transformers", reason="the benchmarks' peers are Hugging Face models (dev extra)")
+
+
+def _bench(tmp_path: Path, cache_dir: Path, *args: str) -> dict:
+    out = tmp_path / "latest.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), *args],
+        cwd=ROOT,
+        env={**os.environ, "LMEXP_CACHE_DIR": str(cache_dir)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "results:" in done.stdout
+    return json.loads(out.read_text())
+
+
+def test_cpu_suite_runs_every_benchmark_once(tmp_path, cache_dir):
+    report = _bench(tmp_path, cache_dir)
+    assert report["smoke"] is True
+    assert set(report["seconds"]) == {"model_step", "overhead", "startup", "data"}
+    expected = {
+        "model_step/gpt",
+        "model_step/bert",
+        "overhead/full_path",
+        "data/loader_wait",
+        "startup/max_steps_1",
+        "data/tokenizer_train",
+        "data/tokenizer_encode",
+    }
+    assert set(report["results"]) == expected
+    for name, result in report["results"].items():
+        assert result["values"], name
+        assert all(math.isfinite(v) for v in result["values"].values()), (name, result["values"])
+        assert result["ratio"] is not None and result["ratio"] > 0, name
+    startup = report["results"]["startup/max_steps_1"]["values"]
+    phases = [k for k in startup if k.endswith("_sec") and k not in ("wall_sec", "phases_sum_sec")]
+    assert {"imports_sec", "compose_sec", "data_sec", "first_step_sec"} <= set(phases)
+    assert report["machine"]["torch"] and report["machine"]["host_cpus"] >= 1
+
+
+def test_gpu_suite_code_runs_on_the_cpu_in_smoke_mode(tmp_path, cache_dir):
+    # No GPU here: --smoke runs the GPU suite's code (full lmexp path under bf16-mixed, the HF loop) on
+    # the CPU with tiny sizes, so that the code a GPU session runs is known to work.
+    report = _bench(tmp_path, cache_dir, "--gpu")
+    assert set(report["results"]) == {"gpu/gpt", "gpu/bert"}
+    for result in report["results"].values():
+        assert result["values"]["lmexp_tokens_per_sec"] > 0 and result["values"]["hf_tokens_per_sec"] > 0
