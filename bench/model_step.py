@@ -42,6 +42,7 @@ class StepShape:
 # The peer figure in the project's notes was taken at this GPT size; BERT uses the same width and depth.
 GPT_SHAPE = StepShape(n_layer=4, n_head=4, n_embd=256, vocab_size=4000, seq_len=256, batch_size=8)
 BERT_SHAPE = StepShape(n_layer=4, n_head=4, n_embd=256, vocab_size=4000, seq_len=128, batch_size=16)
+ADAMW_SHAPE = StepShape(n_layer=6, n_head=8, n_embd=512, vocab_size=4000, seq_len=256, batch_size=1)
 SMOKE_SHAPE = StepShape(n_layer=1, n_head=2, n_embd=32, vocab_size=300, seq_len=16, batch_size=2)
 
 
@@ -171,6 +172,19 @@ def bert_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[],
     return {"lmexp": _train_step(our_loss, ours_optimizer), "hf": _train_step(their_loss, theirs_optimizer)}
 
 
+def optimizer_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], None]]:
+    """AdamW's step alone over lmexp's GPT parameters: lmexp's choice (fused) against torch's default."""
+    from lmexp.builders import build_config_object
+
+    cfg = lmexp_config("gpt", [*_shape_overrides(shape), *overrides])
+    model = build_config_object(cfg.model, "model", vocab_size=shape.vocab_size).build()
+    for param in model.parameters():
+        param.grad = torch.randn_like(param) * 1e-3
+    ours = _lmexp_optimizer(cfg, model)
+    default = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)  # fused=None: per-tensor loop
+    return {"lmexp": ours.step, "default": default.step}
+
+
 def _require_sdpa(model: torch.nn.Module) -> None:
     used = model.config._attn_implementation
     if used != "sdpa":
@@ -221,4 +235,16 @@ def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]
                 ],
             )
         )
+    shape = SMOKE_SHAPE if smoke else ADAMW_SHAPE
+    seconds = interleaved(optimizer_steps(shape, overrides), rounds=rounds, repeats=5 * repeats, warmup=2)
+    ours, default = median(seconds["lmexp"]), median(seconds["default"])
+    results.append(
+        Result(
+            name="model_step/adamw",
+            values={"lmexp_step_ms": 1000 * ours, "torch_default_step_ms": 1000 * default},
+            ratio=default / ours,
+            ratio_meaning="AdamW steps/s: lmexp's optimizer (fused) / torch's default",
+            notes=[f"GPT parameters of {shape.describe()}", "the optimizer step alone, gradients fixed"],
+        )
+    )
     return results

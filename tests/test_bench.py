@@ -42,6 +42,7 @@ def test_cpu_suite_runs_every_benchmark_once(tmp_path, cache_dir):
     expected = {
         "model_step/gpt",
         "model_step/bert",
+        "model_step/adamw",
         "overhead/full_path",
         "data/loader_wait",
         "startup/max_steps_1",
