@@ -21,12 +21,8 @@ import torch
 
 from bench.common import Result, compose_job
 
-GPT_JOB = [
+GPU_RUN = [
     "trainer=gpu",
-    "model=gpt2-small",
-    "model.vocab_size=50257",
-    "data.block_size=1024",
-    "data.batch_size=16",
     "compile=true",
     "trainer.max_steps=200",
     "trainer.val_check_interval=200",
@@ -36,21 +32,11 @@ GPT_JOB = [
     "logger=csv",
     "callbacks.progress_bar=null",
 ]
-BERT_JOB = [
-    "trainer=gpu",
-    "model=bert-base",
-    "task.nsp=false",
-    "data.block_size=128",
-    "data.batch_size=128",
-    "compile=true",
-    "trainer.max_steps=200",
-    "trainer.val_check_interval=200",
-    "trainer.limit_val_batches=4",
-    "trainer.log_every_n_steps=25",
-    "run_test=false",
-    "logger=csv",
-    "callbacks.progress_bar=null",
-]
+MODEL_CHOICE = {"gpt": ["model=gpt2-small"], "bert": ["model=bert-base", "task.nsp=false"]}
+GPU_SIZES = {  # (overrides, batch, seq)
+    "gpt": (["model.vocab_size=50257", "data.block_size=1024", "data.batch_size=16"], 16, 1024),
+    "bert": (["data.block_size=128", "data.batch_size=128"], 128, 128),
+}
 SMOKE = [
     "trainer.accelerator=cpu",
     "trainer.precision=bf16-mixed",
@@ -134,10 +120,12 @@ def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]
         )
     device = "cpu" if smoke else "cuda"
     results = []
-    for name, job, batch, seq in (("gpt", GPT_JOB, 16, 1024), ("bert", BERT_JOB, 128, 128)):
+    for name in ("gpt", "bert"):
         if smoke:
-            job, batch, seq = [*job[:2], *SMOKE] if name == "gpt" else [*job[:3], *SMOKE], 8, 32
-            job = [j for j in job if not j.startswith("trainer=")]
+            job, batch, seq = [*MODEL_CHOICE[name], *SMOKE], 8, 32
+        else:
+            sizes, batch, seq = GPU_SIZES[name]
+            job = [*GPU_RUN, *MODEL_CHOICE[name], *sizes]
         ours = lmexp_rate([*job, *(overrides or [])])
         theirs = hf_rate(
             name, batch, seq, device, compile=not smoke, steps=2 if smoke else 50, warmup=1 if smoke else 20

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,17 @@ def _lmexp_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     return task.configure_optimizers()["optimizer"]
 
 
+def _lmexp_side(model: str, shape: StepShape, overrides: list[str]) -> tuple[Any, torch.nn.Module, Any]:
+    """lmexp's model config, model (in training mode) and optimizer for ``shape``."""
+    from lmexp.builders import build_config_object
+
+    torch.manual_seed(0)
+    cfg = lmexp_config(model, [*_shape_overrides(shape), *overrides])
+    config = build_config_object(cfg.model, "model", vocab_size=shape.vocab_size)
+    built = config.build().train()
+    return config, built, _lmexp_optimizer(cfg, built)
+
+
 def _train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     def step() -> None:
         loss = loss_fn()
@@ -81,13 +93,7 @@ def gpt_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], 
     """One training step of lmexp's GPT and of HF's GPT2LMHeadModel, as closures."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmexp.builders import build_config_object
-
-    torch.manual_seed(0)
-    cfg = lmexp_config("gpt", [*_shape_overrides(shape), *overrides])
-    config = build_config_object(cfg.model, "model", vocab_size=shape.vocab_size)
-    ours = config.build().train()
-    ours_optimizer = _lmexp_optimizer(cfg, ours)
+    config, ours, ours_optimizer = _lmexp_side("gpt", shape, overrides)
 
     theirs = GPT2LMHeadModel(
         GPT2Config(
@@ -103,9 +109,8 @@ def gpt_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], 
             tie_word_embeddings=True,
             attn_implementation="sdpa",
         ),
-    ).train()
-    _require_sdpa(theirs)
-    theirs_optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True)
+    )
+    theirs, theirs_optimizer = _hf_side(theirs)
 
     tokens = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -124,14 +129,9 @@ def bert_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[],
     """One MLM training step of lmexp's BERT (NSP off) and of HF's BertForMaskedLM, as closures."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from lmexp.builders import build_config_object
     from lmexp.tasks.masked_lm import mlm_loss_sum
 
-    torch.manual_seed(0)
-    cfg = lmexp_config("bert", [*_shape_overrides(shape), *overrides])
-    config = build_config_object(cfg.model, "model", vocab_size=shape.vocab_size)
-    ours = config.build().train()
-    ours_optimizer = _lmexp_optimizer(cfg, ours)
+    config, ours, ours_optimizer = _lmexp_side("bert", shape, overrides)
 
     theirs = BertForMaskedLM(
         BertConfig(
@@ -146,9 +146,8 @@ def bert_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[],
             layer_norm_eps=config.layer_norm_eps,
             attn_implementation="sdpa",
         ),
-    ).train()
-    _require_sdpa(theirs)
-    theirs_optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True)
+    )
+    theirs, theirs_optimizer = _hf_side(theirs)
 
     # One masked batch for both: 15% of positions carry a label, the last eighth of each row is padding.
     B, T = shape.batch_size, shape.seq_len
@@ -185,10 +184,12 @@ def optimizer_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callabl
     return {"lmexp": ours.step, "default": default.step}
 
 
-def _require_sdpa(model: torch.nn.Module) -> None:
+def _hf_side(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The HF peer in training mode with the HF Trainer's default optimizer (fused AdamW)."""
     used = model.config._attn_implementation
     if used != "sdpa":
         raise RuntimeError(f"the Hugging Face peer runs {used!r} attention, not sdpa")
+    return model.train(), torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
 def _shape_overrides(shape: StepShape) -> list[str]:
