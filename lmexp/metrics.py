@@ -17,6 +17,11 @@ from torchmetrics.classification import MulticlassAccuracy
 IGNORE_INDEX = -100
 
 
+def exact_sum() -> SumMetric:
+    """A float64 running sum that never scans its input for NaN (no host sync on a GPU)."""
+    return SumMetric(nan_strategy="disable").set_dtype(torch.float64)
+
+
 class LanguageModelMetrics(torch.nn.Module):
     """Metrics of one split, updated from logits, labels and the number of words in the batch."""
 
@@ -24,13 +29,15 @@ class LanguageModelMetrics(torch.nn.Module):
         super().__init__()
         # Updated on every training step, so nothing here may wait on the device: sums without torchmetrics'
         # NaN scan (a NaN loss should show, not be dropped) and accuracy without its argument checks.
+        # The sums are float64, so the result does not depend on how batches are split across ranks and
+        # token counts stay exact past float32's 2**24.
         metrics: dict[str, Metric] = {
             "acc": MulticlassAccuracy(
                 num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX, validate_args=False
             ),
-            "nll_sum": SumMetric(nan_strategy="disable"),
-            "tokens": SumMetric(nan_strategy="disable"),
-            "words": SumMetric(nan_strategy="disable"),
+            "nll_sum": exact_sum(),
+            "tokens": exact_sum(),
+            "words": exact_sum(),
         }
         self.metrics = MetricCollection(metrics, compute_groups=False)
         self.vocab_size = vocab_size

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection, SumMetric
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lmexp.data.masking import MaskingConfig, mask_tokens
 from lmexp.errors import ConfigError
-from lmexp.metrics import IGNORE_INDEX
+from lmexp.metrics import IGNORE_INDEX, exact_sum
 from lmexp.tasks.language_model import CausalLMTask
 
 MLM_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]")
@@ -32,8 +32,8 @@ class NSPMetrics(torch.nn.Module):
         self.metrics = MetricCollection(
             {
                 # As in LanguageModelMetrics: nothing that waits on the device in a training step.
-                "nsp_loss_sum": SumMetric(nan_strategy="disable"),
-                "pairs": SumMetric(nan_strategy="disable"),
+                "nsp_loss_sum": exact_sum(),
+                "pairs": exact_sum(),
                 "nsp_acc": MulticlassAccuracy(num_classes=2, average="micro", validate_args=False),
                 "nsp_f1": MulticlassF1Score(num_classes=2, average="macro", validate_args=False),
             },
