@@ -204,7 +204,7 @@ def _shape_overrides(shape: StepShape) -> list[str]:
 def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]:
     """Both comparisons; ``smoke`` = tiny shapes and one short round (checks the code, measures nothing)."""
     overrides = overrides or []
-    rounds, repeats = (1, 1) if smoke else (7, 3)
+    rounds, repeats = (1, 1) if smoke else (9, 3)
     results = []
     for name, build, shape in (("gpt", gpt_steps, GPT_SHAPE), ("bert", bert_steps, BERT_SHAPE)):
         shape = SMOKE_SHAPE if smoke else shape
