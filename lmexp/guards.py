@@ -79,36 +79,84 @@ class NonFiniteLossError(UserError):
 class NonFiniteGuard(Callback):
     """Stop at the first non-finite training loss, or (``skip=True``) skip such batches and count them.
 
-    The check runs before ``backward``, so a stopped run's weights, and every checkpoint already written,
-    stay finite. Skipping drops the batch's gradients (set to None, which AdamW and SGD treat as "no
-    update for this parameter"), so neither the weights nor the optimizer moments see the bad batch; the
-    step still counts towards ``trainer.max_steps``. The check reads one scalar per step from the device;
-    under DDP the ranks agree on it first, so all of them stop or skip together.
+    Stopping (the default) costs no host sync per step: each step only records on the device whether its
+    loss was finite, and the step, epoch and loss of the first one that was not. The record is read at
+    logging intervals, before validation and before any checkpoint is written; a bad record then stops the
+    run naming that first step. So no checkpoint ever holds weights updated from a non-finite loss; at
+    most ``trainer.log_every_n_steps`` steps of compute are wasted after one.
+
+    Skipping must decide before the optimizer step, so it reads one scalar per step: it drops the batch's
+    gradients (set to None, which AdamW and SGD treat as "no update for this parameter"), so neither the
+    weights nor the optimizer moments see the bad batch; the step still counts towards
+    ``trainer.max_steps``. Under DDP the ranks agree on every decision, so all of them stop or skip together.
     """
 
     def __init__(self, skip: bool = False) -> None:
         self.skip = skip
         self.skipped = 0
         self._drop_gradients = False
+        self._first_bad: torch.Tensor | None = (
+            None  # [step, epoch, loss] of the first bad step; step -1: none
+        )
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        finite = bool(torch.isfinite(loss.detach()).all())
+        loss = loss.detach()
+        if not self.skip:
+            self._record(trainer, loss)
+            return
+        finite = bool(torch.isfinite(loss).all())
         if trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return
-        step = trainer.global_step
-        if not self.skip:
-            checkpoint = _last_checkpoint_path(trainer)
-            kept = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
-            raise NonFiniteLossError(
-                f"training loss is {float(loss.detach().float().mean())} at step {step} "
-                f"(epoch {trainer.current_epoch}){kept}; lower optim.lr, or set trainer.skip_nonfinite=true "
-                "to skip such batches"
-            )
         self.skipped += 1
         self._drop_gradients = True
-        log.warning("step %d: non-finite training loss, batch skipped (%d so far)", step, self.skipped)
+        log.warning(
+            "step %d: non-finite training loss, batch skipped (%d so far)", trainer.global_step, self.skipped
+        )
+
+    def _record(self, trainer: Any, loss: torch.Tensor) -> None:
+        """Remember the first non-finite step, with device ops only (nothing waits for the device)."""
+        if self._first_bad is None or self._first_bad.device != loss.device:
+            self._first_bad = torch.tensor([-1.0, 0.0, 0.0], device=loss.device, dtype=torch.float64)
+        value = loss.double().mean()
+        step, epoch = float(trainer.global_step), float(trainer.current_epoch)
+        now = torch.stack([torch.full_like(value, step), torch.full_like(value, epoch), value])
+        first = ~torch.isfinite(value) & (self._first_bad[0] < 0)
+        self._first_bad = torch.where(first, now, self._first_bad)
+
+    def _stop_if_recorded(self, trainer: Any) -> None:
+        if self.skip or self._first_bad is None:
+            return
+        bad = bool(self._first_bad[0] >= 0)  # the only read from the device, at check points
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # any rank
+        if not bad:
+            return
+        step, epoch, value = (float(v) for v in self._first_bad.tolist())
+        if step < 0:  # another rank saw it: its own message names the step
+            raise NonFiniteLossError("training loss is not finite on another rank; see that rank's error")
+        checkpoint = _last_checkpoint_path(trainer)
+        kept = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
+        raise NonFiniteLossError(
+            f"training loss is {value} at step {int(step)} (epoch {int(epoch)}){kept}; lower optim.lr, or "
+            "set trainer.skip_nonfinite=true to skip such batches"
+        )
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer._logger_connector.should_update_logs:  # a logging interval: reading values is due anyway
+            self._stop_if_recorded(trainer)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._stop_if_recorded(trainer)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self._stop_if_recorded(trainer)  # before anything is written: a checkpoint never holds bad weights
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._stop_if_recorded(trainer)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self._drop_gradients:

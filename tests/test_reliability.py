@@ -221,6 +221,34 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert not (run_dir / "metrics.json").exists()
 
 
+def test_nonfinite_check_between_logging_intervals_still_guards_every_checkpoint(config, tmp_path):
+    # Logging every 50 steps: the record of step 7 is first read when the step-9 checkpoint is about to
+    # be written, which then never is; the message still names step 7.
+    run_dir = tmp_path / "run"
+    cfg = config(
+        "trainer.max_steps=20",
+        "trainer.log_every_n_steps=50",
+        "callbacks.checkpoint.every_n_train_steps=3",
+        run_dir=run_dir,
+    )
+    clock = StepCounter()
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 7 "):
+        train(cfg, extra_callbacks=[PoisonWeights(7), clock])
+    assert clock.last_step == 8  # step 8's batch ran; the checkpoint due after it (step 9) stopped the run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert _step(last) == 6
+    assert all(torch.isfinite(t).all() for t in _weights(last).values())
+    assert not (run_dir / "metrics.json").exists()
+
+
+class StepCounter(Callback):
+    def __init__(self) -> None:
+        self.last_step = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.last_step = trainer.global_step
+
+
 def test_skip_nonfinite_skips_and_counts_the_bad_batches(config, tmp_path):
     cfg = config("trainer.max_steps=12", "trainer.skip_nonfinite=true", run_dir=tmp_path / "run")
     metrics = train(cfg, extra_callbacks=[PoisonOutputs({4, 9})])
