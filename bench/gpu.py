@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Result, compose_job
+from bench.common import Result
+from lmexp.cli import compose_job
 
 GPU_RUN = [
     "trainer=gpu",
@@ -115,9 +116,9 @@ def hf_rate(
 
 def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]:
     if not smoke and not torch.cuda.is_available():
-        raise SystemExit(
-            "python -m bench --gpu needs a CUDA GPU (none here); --smoke checks the code on the CPU"
-        )
+        from lmexp.errors import UserError
+
+        raise UserError("python -m bench --gpu needs a CUDA GPU (none here); --smoke checks its code on CPUs")
     device = "cpu" if smoke else "cuda"
     results = []
     for name in ("gpt", "bert"):

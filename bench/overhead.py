@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from bench.common import Result, compose_job, median
+from bench.common import Result, median
+from lmexp.cli import compose_job
 
 DEFAULT_OVERRIDES = ["model=gpt"]  # the README's main job, shortened below
 SMOKE_OVERRIDES = ["debug=fast"]

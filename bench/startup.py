@@ -95,7 +95,7 @@ def _probe(job: list[str]) -> None:
 
     import lmexp.builders as builders
     import lmexp.train
-    from bench.common import compose_job
+    from lmexp.cli import compose_job
 
     marks["imports"] = clock() - start
 

@@ -95,15 +95,9 @@ def expand_points(overrides: list[Any]) -> list[list[str]]:
 
 def _compose(overrides: list[str], run_dir: str) -> DictConfig:
     """Compose conf/train.yaml as a job of the sweep would see it (Hydra's resolvers included)."""
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
+    from lmexp.cli import compose_job
 
-    cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = run_dir
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_job(overrides, run_dir, keep_hydra=True)
 
 
 def sweep_points(args: list[str]) -> tuple[list[list[str]], DictConfig]:

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
 
-from lmexp.cli import config_dir
+from lmexp.cli import compose_job
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,6 +22,17 @@ TINY = [
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
 ]
+
+
+class CrashAtStep(Callback):
+    """Simulates a crash: raises once the trainer has finished ``step`` optimizer steps."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError("simulated crash")
 
 
 @pytest.fixture(autouse=True)
@@ -47,19 +57,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_config(run_dir: Path, cache: Path, *overrides: str, tiny: bool = True) -> DictConfig:
     """Compose conf/train.yaml as the CLI would, with ``run_dir`` as Hydra's output dir."""
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[*(TINY if tiny else []), f"paths.cache_dir={cache}", *overrides],
-            return_hydra_config=True,
-        )
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_job([*(TINY if tiny else []), f"paths.cache_dir={cache}", *overrides], run_dir)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lmexp.errors import CheckpointError
 from lmexp.guards import NonFiniteLossError
 from lmexp.train import train
+from tests.conftest import CrashAtStep
 
 # Long enough to be caught mid-run, short enough for the suite: the epoch is much longer than the run,
 # so every stop lands mid-epoch and the data position has to be restored. Dropout on, so the random
@@ -145,15 +146,6 @@ def test_preemption_signal_checkpoints_at_the_step_and_resumes(tmp_path, cache_d
         resumed = _run(run_dir, cache_dir, "callbacks.checkpoint.every_n_train_steps=100000")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         _assert_same_result(run_dir, reference)
-
-
-class CrashAtStep(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            raise RuntimeError("simulated crash")
 
 
 def test_damaged_last_checkpoint_falls_back_to_the_newest_good_one(config, tmp_path):

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.callbacks import Callback
 
 from lmexp.train import train
+from tests.conftest import CrashAtStep
 
 EXPECTED_KEYS = {
     "val/loss", "val/ppl", "val/acc", "val/bpw", "val/bpw_floor",
@@ -48,17 +48,6 @@ def test_same_seed_same_result(config, tmp_path):
     third = train(config("trainer.max_steps=12", "seed=7", run_dir=tmp_path / "c"))
     assert first["val/loss"] == second["val/loss"]
     assert first["val/loss"] != third["val/loss"]
-
-
-class CrashAtStep(Callback):
-    """Simulates a crash: raises once the trainer has finished ``step`` optimizer steps."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            raise RuntimeError("simulated crash")
 
 
 def test_resume_matches_uninterrupted_run(config, tmp_path):

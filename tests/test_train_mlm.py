@@ -59,7 +59,7 @@ def test_lstm_learns(config, tmp_path):
 
 
 def test_bert_resume_matches_uninterrupted_run(config, tmp_path):
-    from test_train import CrashAtStep
+    from tests.conftest import CrashAtStep
 
     common = [*BERT_TINY, "trainer.max_steps=12", "callbacks.checkpoint.every_n_train_steps=4"]
     reference = train(config(*common, run_dir=tmp_path / "ref"))

@@ -12,12 +12,11 @@ import math
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from lmexp.cli import config_dir
+from lmexp.cli import compose_job
 from lmexp.errors import ConfigError
 from lmexp.loggers import run_identity
 from lmexp.sweep import SweepCallback, read_record, run_point, sweep_point, write_record
@@ -27,16 +26,7 @@ def point_config(
     run_dir: Path, *overrides: str, mode: RunMode = RunMode.MULTIRUN, num: int = 0
 ) -> DictConfig:
     """The config a job of a sweep sees, with Hydra's job state set as a launcher sets it."""
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["sweep.name=unit", *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = num
-        cfg.hydra.mode = mode
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_job(["sweep.name=unit", *overrides], run_dir, job_num=num, mode=mode)
 
 
 class FakeTraining:

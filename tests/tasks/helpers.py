@@ -120,20 +120,9 @@ def pretrained_checkpoint(model: str, root: Path, cache_dir: Path) -> Path:
 
 def compose_tool(name: str, run_dir: Path, cache_dir: Path, *overrides: str) -> DictConfig:
     """Compose ``conf/<name>.yaml`` (eval, generate, export) as its command would, into ``run_dir``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from lmexp.cli import compose_job
 
-    from lmexp.cli import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(name, overrides=[f"paths.cache_dir={cache_dir}", *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_job([f"paths.cache_dir={cache_dir}", *overrides], run_dir, config_name=name)
 
 
 def finetune(model_ckpt: Path | None, kind: str, root: Path, cache_dir: Path, *overrides: str) -> Path:
