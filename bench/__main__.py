@@ -20,8 +20,19 @@ OUT = Path(__file__).resolve().parent / "out"
 CPU_SUITE = ("model_step", "overhead", "startup", "data")
 
 
+def _fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2 (as lmexp's commands do)."""
+    print(f"error: {message}", file=sys.__stderr__, flush=True)
+    raise SystemExit(2)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints the whole usage first
+        _fail(f"{message} (python -m bench --help lists the options)")
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes, one iteration: checks the code only"
     )
@@ -79,6 +90,18 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
+def _one_line(error: Exception) -> str:
+    """A bad ``--override`` (or another user error) as lmexp's commands report it: one line."""
+    from hydra.errors import HydraException
+
+    from lmexp.cli import fold_hydra_report
+    from lmexp.errors import UserError, full_errors_requested
+
+    if full_errors_requested() or not isinstance(error, HydraException | UserError):
+        raise error
+    return fold_hydra_report(str(error))
+
+
 def _write(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -105,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             stdout, sys.stdout = sys.stdout, sink
             try:
                 results += module.run(smoke=args.smoke, overrides=args.override)
+            except Exception as error:
+                _fail(_one_line(error))
             finally:
                 sys.stdout = stdout
         seconds[name] = time.perf_counter() - start

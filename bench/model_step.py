@@ -91,25 +91,14 @@ def _train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Opti
 
 def gpt_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], None]]:
     """One training step of lmexp's GPT and of HF's GPT2LMHeadModel, as closures."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
+
+    from lmexp.export import gpt2_config
 
     config, ours, ours_optimizer = _lmexp_side("gpt", shape, overrides)
 
-    theirs = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=shape.vocab_size,
-            n_positions=shape.seq_len,
-            n_embd=shape.n_embd,
-            n_layer=shape.n_layer,
-            n_head=shape.n_head,
-            activation_function="gelu_new",
-            resid_pdrop=config.dropout,
-            embd_pdrop=config.dropout,
-            attn_pdrop=config.dropout,
-            tie_word_embeddings=True,
-            attn_implementation="sdpa",
-        ),
-    )
+    # lmexp's exporter maps the architecture; no tokenizer here, so bos/eos/pad are plain ids.
+    theirs = GPT2LMHeadModel(_sdpa(gpt2_config(config, shape.vocab_size, bos_id=2, eos_id=3, pad_id=0)))
     theirs, theirs_optimizer = _hf_side(theirs)
 
     tokens = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len + 1))
@@ -127,26 +116,14 @@ def gpt_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], 
 
 def bert_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], None]]:
     """One MLM training step of lmexp's BERT (NSP off) and of HF's BertForMaskedLM, as closures."""
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
+    from lmexp.export import bert_config
     from lmexp.tasks.masked_lm import mlm_loss_sum
 
     config, ours, ours_optimizer = _lmexp_side("bert", shape, overrides)
 
-    theirs = BertForMaskedLM(
-        BertConfig(
-            vocab_size=shape.vocab_size,
-            hidden_size=shape.n_embd,
-            num_hidden_layers=shape.n_layer,
-            num_attention_heads=shape.n_head,
-            intermediate_size=4 * shape.n_embd,
-            max_position_embeddings=shape.seq_len,
-            hidden_dropout_prob=config.dropout,
-            attention_probs_dropout_prob=config.dropout,
-            layer_norm_eps=config.layer_norm_eps,
-            attn_implementation="sdpa",
-        ),
-    )
+    theirs = BertForMaskedLM(_sdpa(bert_config(config, shape.vocab_size, pad_id=0, labels=None)))
     theirs, theirs_optimizer = _hf_side(theirs)
 
     # One masked batch for both: 15% of positions carry a label, the last eighth of each row is padding.
@@ -182,6 +159,11 @@ def optimizer_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callabl
     ours = _lmexp_optimizer(cfg, model)
     default = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)  # fused=None: per-tensor loop
     return {"lmexp": ours.step, "default": default.step}
+
+
+def _sdpa(hf_config: Any) -> Any:
+    hf_config._attn_implementation = "sdpa"  # PyTorch's fused attention, as lmexp uses
+    return hf_config
 
 
 def _hf_side(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -117,16 +117,16 @@ def _tokenizer_model(proto: Any, models: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- weights
-def _gpt_model(model: Any, vocab_size: int, tokenizer: Any) -> Any:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def gpt2_config(config: Any, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> Any:
+    """The ``GPT2Config`` of the same architecture as an lmexp :class:`GPTConfig`."""
+    from transformers import GPT2Config
 
-    config = model.config
     if not config.bias:
         raise ConfigError(
             "model.bias=false cannot be expressed as GPT2LMHeadModel (GPT-2 always has biases); "
             "export needs a gpt trained with model.bias=true (the default)"
         )
-    hf_config = GPT2Config(
+    return GPT2Config(
         vocab_size=vocab_size,
         n_positions=config.max_seq_len,
         n_embd=config.n_embd,
@@ -139,10 +139,18 @@ def _gpt_model(model: Any, vocab_size: int, tokenizer: Any) -> Any:
         attn_pdrop=config.dropout,
         layer_norm_epsilon=config.layer_norm_eps,
         tie_word_embeddings=config.tie_embeddings,
-        bos_token_id=tokenizer.eos_id,  # an lmexp document starts after eos
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
     )
+
+
+def _gpt_model(model: Any, vocab_size: int, tokenizer: Any) -> Any:
+    from transformers import GPT2LMHeadModel
+
+    config = model.config
+    # An lmexp document starts after eos, so eos doubles as GPT-2's bos.
+    hf_config = gpt2_config(config, vocab_size, tokenizer.eos_id, tokenizer.eos_id, tokenizer.pad_id)
     source = model.state_dict()
     weights = {
         "transformer.wte.weight": source["tok_emb.weight"][:vocab_size],
@@ -162,7 +170,8 @@ def _gpt_model(model: Any, vocab_size: int, tokenizer: Any) -> Any:
     return _loaded(GPT2LMHeadModel(hf_config), weights)
 
 
-def _bert_config(config: Any, vocab_size: int, pad_id: int, labels: list[str] | None) -> Any:
+def bert_config(config: Any, vocab_size: int, pad_id: int, labels: list[str] | None) -> Any:
+    """The ``BertConfig`` of an lmexp :class:`BERTConfig`'s architecture (with ``labels``: a classifier's)."""
     from transformers import BertConfig
 
     if config.norm_first:
@@ -230,7 +239,7 @@ def _bert_model(task: Any, tokenizer: Any, labels: list[str] | None) -> Any:
     vocab_size = tokenizer.vocab_size
     if task.task_name == "mlm":
         bert = task.model
-        config = _bert_config(bert.config, vocab_size, tokenizer.pad_id, None)
+        config = bert_config(bert.config, vocab_size, tokenizer.pad_id, None)
         source = bert.state_dict()
         weights = _bert_weights(source, bert.config.n_layer, vocab_size, pooler=False)
         weights |= {
@@ -244,7 +253,7 @@ def _bert_model(task: Any, tokenizer: Any, labels: list[str] | None) -> Any:
         }
         return _loaded(BertForMaskedLM(config), weights)
     bert = task.model.backbone
-    config = _bert_config(bert.config, vocab_size, tokenizer.pad_id, labels)
+    config = bert_config(bert.config, vocab_size, tokenizer.pad_id, labels)
     weights = _bert_weights(bert.state_dict(), bert.config.n_layer, vocab_size, pooler=True)
     weights["classifier.weight"] = task.model.classifier.weight
     weights["classifier.bias"] = task.model.classifier.bias

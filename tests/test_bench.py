@@ -67,3 +67,23 @@ def test_gpu_suite_code_runs_on_the_cpu_in_smoke_mode(tmp_path, cache_dir):
     assert set(report["results"]) == {"gpu/gpt", "gpu/bert"}
     for result in report["results"].values():
         assert result["values"]["lmexp_tokens_per_sec"] > 0 and result["values"]["hf_tokens_per_sec"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [(["--only", "nope"], "--only"), (["--only", "model_step", "--override", "optim.nope=1"], "optim.nope")],
+)
+def test_bad_arguments_are_one_line(args, named, tmp_path):
+    out = tmp_path / "latest.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), *args],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("bench: ")]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("error: ") and named in lines[0]
+    assert "Traceback" not in done.stderr and not out.exists()

@@ -121,7 +121,7 @@ def test_export_errors(checkpoints, tmp_path, cache_dir, monkeypatch):
 def test_architectures_without_a_transformers_equivalent_are_named():
     from types import SimpleNamespace
 
-    from lmexp.export import _bert_config, _gpt_model
+    from lmexp.export import _gpt_model, bert_config
     from lmexp.models.bert import BERTConfig
     from lmexp.models.gpt import GPTConfig
 
@@ -130,7 +130,7 @@ def test_architectures_without_a_transformers_equivalent_are_named():
     with pytest.raises(ConfigError, match="model.bias=false cannot be expressed as GPT2LMHeadModel"):
         _gpt_model(no_bias, 70, special_ids)
     with pytest.raises(ConfigError, match="model.norm_first=true .* cannot be expressed as a Hugging Face"):
-        _bert_config(BERTConfig(norm_first=True, vocab_size=70), 70, 0, None)
+        bert_config(BERTConfig(norm_first=True, vocab_size=70), 70, 0, None)
 
 
 def test_untied_gpt_exports_with_the_same_logits(tmp_path):
