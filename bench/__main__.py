@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
-CPU_SUITE = ("model_step", "overhead", "startup", "data")
+CPU_SUITE = ("model_step", "memory", "overhead", "startup", "data")
 
 
 def _fail(message: str) -> None:

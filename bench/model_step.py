@@ -12,12 +12,16 @@ runs as its own framework trains it:
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import Result, interleaved, median, spread
 
@@ -105,8 +109,8 @@ def gpt_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], 
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
 
     def our_loss() -> torch.Tensor:
-        logits = ours(inputs)  # (B, T, V')
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        # As CausalLMTask computes it: the model's loss path, which never materialises the logits.
+        return ours(inputs, labels=labels).nll_sum / labels.numel()
 
     def their_loss() -> torch.Tensor:
         return theirs(input_ids=inputs, labels=inputs).loss  # shifts internally: T - 1 predictions
@@ -183,9 +187,15 @@ def _shape_overrides(shape: StepShape) -> list[str]:
     ]
 
 
-def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]:
-    """Both comparisons; ``smoke`` = tiny shapes and one short round (checks the code, measures nothing)."""
-    overrides = overrides or []
+# glibc's malloc serves large blocks with fresh mmap'd pages by default and returns freed memory to the
+# system, so a step that allocates many large temporaries pays page faults for them again every step
+# (expensive in virtual machines). These settings keep freed memory in the heap for reuse, which is what
+# the jemalloc/tcmalloc preload that PyTorch's CPU tuning guides suggest achieves.
+TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+
+
+def compare_models(smoke: bool, overrides: list[str], suffix: str = "") -> list[Result]:
+    """lmexp against HF for GPT and BERT, interleaved in this process; result names end in ``suffix``."""
     rounds, repeats = (1, 1) if smoke else (9, 3)
     results = []
     for name, build, shape in (("gpt", gpt_steps, GPT_SHAPE), ("bert", bert_steps, BERT_SHAPE)):
@@ -196,9 +206,10 @@ def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]
         tokens = shape.batch_size * shape.seq_len
         ours, theirs = median(seconds["lmexp"]), median(seconds["hf"])
         ratio = theirs / ours
+        round_ratios = [t / o for t, o in zip(seconds["hf"], seconds["lmexp"], strict=True)]
         results.append(
             Result(
-                name=f"model_step/{name}",
+                name=f"model_step/{name}{suffix}",
                 values={
                     "lmexp_steps_per_sec": 1 / ours,
                     "hf_steps_per_sec": 1 / theirs,
@@ -206,6 +217,8 @@ def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]
                     "hf_tokens_per_sec": tokens / theirs,
                     "lmexp_round_spread": spread(seconds["lmexp"]),
                     "hf_round_spread": spread(seconds["hf"]),
+                    "lowest_round_ratio": min(round_ratios),
+                    "highest_round_ratio": max(round_ratios),
                 },
                 ratio=ratio,
                 ratio_meaning="lmexp / HF steps per second",
@@ -215,19 +228,66 @@ def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]
                     shape.describe(),
                     f"{torch.get_num_threads()} threads, {rounds} rounds x {repeats} steps, median",
                     *([f"lmexp overrides: {' '.join(overrides)}"] if overrides else []),
+                    *([f"child process with {_env_text()}"] if suffix else []),
                 ],
             )
         )
+    return results
+
+
+def compare_models_with_tuned_malloc(smoke: bool, overrides: list[str]) -> list[Result]:
+    """The same comparison in a child process whose glibc malloc keeps freed memory (glibc only)."""
+    if platform.libc_ver()[0] != "glibc":
+        return []
+    command = [sys.executable, "-m", "bench.model_step", *(["--smoke"] if smoke else []), *overrides]
+    done = subprocess.run(
+        command, env={**os.environ, **TUNED_MALLOC_ENV}, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the tuned-malloc model step failed: {done.stderr.strip().splitlines()[-1:]}")
+    return [Result(**fields) for fields in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def _env_text() -> str:
+    return " ".join(f"{key}={value}" for key, value in TUNED_MALLOC_ENV.items())
+
+
+def adamw_step(smoke: bool, overrides: list[str]) -> Result:
+    """AdamW's step alone: lmexp's optimizer against torch's default."""
+    rounds, repeats = (1, 1) if smoke else (9, 3)
     shape = SMOKE_SHAPE if smoke else ADAMW_SHAPE
     seconds = interleaved(optimizer_steps(shape, overrides), rounds=rounds, repeats=5 * repeats, warmup=2)
     ours, default = median(seconds["lmexp"]), median(seconds["default"])
-    results.append(
-        Result(
-            name="model_step/adamw",
-            values={"lmexp_step_ms": 1000 * ours, "torch_default_step_ms": 1000 * default},
-            ratio=default / ours,
-            ratio_meaning="AdamW steps/s: lmexp's optimizer (fused) / torch's default",
-            notes=[f"GPT parameters of {shape.describe()}", "the optimizer step alone, gradients fixed"],
-        )
+    return Result(
+        name="model_step/adamw",
+        values={"lmexp_step_ms": 1000 * ours, "torch_default_step_ms": 1000 * default},
+        ratio=default / ours,
+        ratio_meaning="AdamW steps/s: lmexp's optimizer (fused) / torch's default",
+        notes=[f"GPT parameters of {shape.describe()}", "the optimizer step alone, gradients fixed"],
     )
-    return results
+
+
+def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]:
+    """Every comparison; ``smoke`` = tiny shapes and one short round (checks the code, measures nothing)."""
+    overrides = overrides or []
+    return [
+        *compare_models(smoke, overrides),
+        *compare_models_with_tuned_malloc(smoke, overrides),
+        adamw_step(smoke, overrides),
+    ]
+
+
+def _child_main(argv: list[str]) -> None:
+    """``python -m bench.model_step [--smoke] [overrides]``: the model comparison as one JSON line."""
+    smoke = "--smoke" in argv
+    overrides = [arg for arg in argv if arg != "--smoke"]
+    results = compare_models(smoke, overrides, suffix="_malloc_tuned")
+    fields = [{"name": r.name, **r.as_dict()} for r in results]
+    print(json.dumps(fields))
+
+
+if __name__ == "__main__":
+    from bench.__main__ import _quiet
+
+    _quiet()
+    _child_main(sys.argv[1:])

@@ -14,7 +14,7 @@ import torch
 from torchmetrics import Metric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-IGNORE_INDEX = -100
+from lmexp.models.head_loss import IGNORE_INDEX  # re-exported: the tasks import it from here
 
 
 def exact_sum() -> SumMetric:
@@ -22,8 +22,13 @@ def exact_sum() -> SumMetric:
     return SumMetric(nan_strategy="disable").set_dtype(torch.float64)
 
 
+def greedy_predictions(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Argmax over the real vocabulary of ``logits`` (..., V'); padded rows are never targets."""
+    return logits[..., :vocab_size].argmax(dim=-1)
+
+
 class LanguageModelMetrics(torch.nn.Module):
-    """Metrics of one split, updated from logits, labels and the number of words in the batch."""
+    """Metrics of one split, updated from predictions, labels, the summed NLL and the batch's word count."""
 
     def __init__(self, vocab_size: int) -> None:
         super().__init__()
@@ -44,11 +49,13 @@ class LanguageModelMetrics(torch.nn.Module):
 
     @torch.no_grad()
     def update(
-        self, logits: torch.Tensor, labels: torch.Tensor, nll_sum: torch.Tensor, n_words: torch.Tensor
+        self, predictions: torch.Tensor, labels: torch.Tensor, nll_sum: torch.Tensor, n_words: torch.Tensor
     ):
-        """Add a batch: ``logits`` (B, T, V'), ``labels`` (B, T), its summed NLL and word count."""
-        logits = logits[..., : self.vocab_size]  # drop padded vocabulary rows; they are never targets
-        self.metrics["acc"].update(logits.argmax(dim=-1).flatten(), labels.flatten())
+        """Add a batch: predicted ids and ``labels`` (same number of elements), its summed NLL and word count.
+
+        Predictions come from the real vocabulary only (see :func:`greedy_predictions`).
+        """
+        self.metrics["acc"].update(predictions.flatten(), labels.flatten())
         self.metrics["nll_sum"].update(nll_sum)
         self.metrics["tokens"].update((labels != IGNORE_INDEX).sum())
         self.metrics["words"].update(n_words.sum())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -38,17 +39,20 @@ def _bench(tmp_path: Path, cache_dir: Path, *args: str) -> dict:
 def test_cpu_suite_runs_every_benchmark_once(tmp_path, cache_dir):
     report = _bench(tmp_path, cache_dir)
     assert report["smoke"] is True
-    assert set(report["seconds"]) == {"model_step", "overhead", "startup", "data"}
+    assert set(report["seconds"]) == {"model_step", "memory", "overhead", "startup", "data"}
     expected = {
         "model_step/gpt",
         "model_step/bert",
         "model_step/adamw",
+        "memory/gpt",
         "overhead/full_path",
         "data/loader_wait",
         "startup/max_steps_1",
         "data/tokenizer_train",
         "data/tokenizer_encode",
     }
+    if platform.libc_ver()[0] == "glibc":  # the child process with glibc's malloc tuned
+        expected |= {"model_step/gpt_malloc_tuned", "model_step/bert_malloc_tuned"}
     assert set(report["results"]) == expected
     for name, result in report["results"].items():
         assert result["values"], name

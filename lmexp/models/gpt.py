@@ -23,6 +23,7 @@ from torch import nn
 
 from lmexp.errors import ConfigError
 from lmexp.models.config import ModelConfig
+from lmexp.models.head_loss import HeadLoss, linear_cross_entropy
 from lmexp.models.layers import Block, KVCache, init_weights, scale_residual_projections
 
 INIT_STD = 0.02  # GPT-2's initializer_range
@@ -145,17 +146,31 @@ class GPT(nn.Module):
             x = block(x, kv_cache=kv_caches[i] if kv_caches else None)  # (B, T, C)
         return self.ln_f(x)  # (B, T, C)
 
-    def forward(self, input_ids: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Next-token logits for every position.
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        kv_caches: list[KVCache] | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | HeadLoss:
+        """Next-token logits for every position, or, given ``labels``, the loss without the logits.
 
         Args:
             input_ids: Token ids of shape (B, T) with T <= ``config.max_seq_len``.
             kv_caches: See :meth:`hidden_states`; with caches, generation feeds only the new tokens.
+            labels: (B, T) next-token ids, -100 where no loss is due. The loss is then computed straight
+                from the hidden states (lmexp/models/head_loss.py), which is how training and evaluation
+                call the model: the (B, T, V) logits never exist at once.
 
         Returns:
-            Logits of shape (B, T, V) with V = ``config.padded_vocab_size``; position t predicts token t+1.
+            Logits of shape (B, T, V) with V = ``config.padded_vocab_size`` (position t predicts token
+            t+1); with ``labels``, a :class:`HeadLoss` (summed NLL, greedy predictions of shape (B*T,)).
         """
-        return self.lm_head(self.hidden_states(input_ids, kv_caches))  # (B, T, V)
+        h = self.hidden_states(input_ids, kv_caches)  # (B, T, C)
+        if labels is None:
+            return self.lm_head(h)  # (B, T, V)
+        return linear_cross_entropy(
+            h.flatten(0, 1), self.lm_head.weight, None, labels.flatten(), n_classes=self.config.vocab_size
+        )
 
     def new_kv_caches(self) -> list[KVCache]:
         """Empty key/value caches, one per block, for incremental decoding."""

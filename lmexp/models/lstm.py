@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmexp.models.config import ModelConfig
+from lmexp.models.head_loss import HeadLoss, linear_cross_entropy
 from lmexp.models.layers import init_weights
 
 LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (n_layer, B, H)
@@ -136,27 +137,36 @@ class LSTMLM(nn.Module):
         hidden, state = self.lstm(x, state)  # (B, T, H), 2 x (n_layer, B, H)
         return hidden, state
 
+    def _head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.drop(hidden)  # (B, T, H)
+        return h if self.proj is None else self.proj(h)  # (B, T, E) when projected
+
     def forward_with_state(
         self, input_ids: torch.Tensor, state: LSTMState | None = None
     ) -> tuple[torch.Tensor, LSTMState]:
         """Logits (B, T, V) and the recurrent state; feed the state back to continue the sequence."""
         hidden, state = self.hidden_states(input_ids, state)  # (B, T, H)
-        h = self.drop(hidden)  # (B, T, H)
-        if self.proj is not None:
-            h = self.proj(h)  # (B, T, E)
-        return self.lm_head(h), state  # (B, T, V)
+        return self.lm_head(self._head_input(hidden)), state  # (B, T, V)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Next-token logits for every position.
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | HeadLoss:
+        """Next-token logits for every position, or, given ``labels``, the loss without the logits.
 
         Args:
             input_ids: Token ids of shape (B, T); any T (``config.max_seq_len`` is not enforced here).
+            labels: (B, T) next-token ids, -100 where no loss is due (see ``GPT.forward``).
 
         Returns:
-            Logits of shape (B, T, V) with V = ``config.padded_vocab_size``; position t predicts token t+1.
+            Logits of shape (B, T, V) with V = ``config.padded_vocab_size`` (position t predicts token
+            t+1), zero initial state; with ``labels``, a :class:`HeadLoss`.
         """
-        logits, _ = self.forward_with_state(input_ids)  # (B, T, V); zero initial state
-        return logits
+        hidden, _ = self.hidden_states(input_ids)  # (B, T, H); zero initial state
+        h = self._head_input(hidden)  # (B, T, E or H)
+        if labels is None:
+            return self.lm_head(h)  # (B, T, V)
+        head = self.lm_head
+        return linear_cross_entropy(
+            h.flatten(0, 1), head.weight, head.bias, labels.flatten(), n_classes=self.config.vocab_size
+        )
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of distinct parameters (a tied matrix counts once)."""

@@ -1,6 +1,7 @@
 """Causal language modelling as a LightningModule: next-token loss, metrics and optimizer groups.
 
-The model is any ``nn.Module`` mapping ``input_ids`` (B, T) to logits (B, T, V'); this module owns the
+The model is any ``nn.Module`` that, called as ``model(input_ids, labels=labels)``, returns the summed
+next-token loss and greedy predictions (a :class:`lmexp.models.head_loss.HeadLoss`); this module owns the
 objective, the metrics (lmexp/metrics.py) and the optimizer, and nothing about data or logging.
 """
 
@@ -12,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
 from lmexp.metrics import IGNORE_INDEX, LanguageModelMetrics
@@ -26,7 +26,7 @@ class CausalLMTask(LightningModule):
     """Trains ``model`` to predict every next token of packed token blocks.
 
     Args:
-        model: plain ``nn.Module``, ``input_ids`` (B, T) -> logits (B, T, V').
+        model: plain ``nn.Module``; ``model(input_ids, labels=labels)`` -> ``(nll_sum, predictions)``.
         optimizer: a partial optimizer (``optim/`` config) called with the parameter groups.
         scheduler: a partial LR scheduler (``scheduler/`` config) stepped once per optimizer step.
         vocab_size: the tokenizer's vocabulary size (V' may be padded above it).
@@ -75,17 +75,16 @@ class CausalLMTask(LightningModule):
 
     # ----------------------------------------------------------------------------------------- steps
     def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["input_ids"])  # (B, T, V')
+        """Summed NLL over the batch's labelled positions, greedy predictions (B*T,), and their count."""
         labels = batch["labels"]  # (B, T), IGNORE_INDEX at padding
-        nll_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        # The model computes the loss from its hidden states (lmexp/models/head_loss.py), without logits.
+        nll_sum, predictions = self.model(batch["input_ids"], labels=labels)
         n_tokens = (labels != IGNORE_INDEX).sum()
-        return logits, nll_sum, n_tokens
+        return nll_sum, predictions, n_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits, nll_sum, n_tokens = self._nll(batch)
-        self.train_metrics.update(logits.detach(), batch["labels"], nll_sum.detach(), batch["n_words"])
+        nll_sum, predictions, n_tokens = self._nll(batch)
+        self.train_metrics.update(predictions, batch["labels"], nll_sum.detach(), batch["n_words"])
         return nll_sum / n_tokens.clamp(min=1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -97,12 +96,12 @@ class CausalLMTask(LightningModule):
         self._log_values("train", self._split_values("train"))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits, nll_sum, _ = self._nll(batch)
-        self.val_metrics.update(logits, batch["labels"], nll_sum, batch["n_words"])
+        nll_sum, predictions, _ = self._nll(batch)
+        self.val_metrics.update(predictions, batch["labels"], nll_sum, batch["n_words"])
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits, nll_sum, _ = self._nll(batch)
-        self.test_metrics.update(logits, batch["labels"], nll_sum, batch["n_words"])
+        nll_sum, predictions, _ = self._nll(batch)
+        self.test_metrics.update(predictions, batch["labels"], nll_sum, batch["n_words"])
 
     def on_validation_epoch_end(self) -> None:
         self._log_split("val")

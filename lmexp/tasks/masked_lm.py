@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lmexp.data.masking import MaskingConfig, mask_tokens
 from lmexp.errors import ConfigError
-from lmexp.metrics import IGNORE_INDEX, exact_sum
+from lmexp.metrics import IGNORE_INDEX, exact_sum, greedy_predictions
 from lmexp.tasks.language_model import CausalLMTask
 
 MLM_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]")
@@ -195,9 +195,9 @@ class MaskedLMTask(CausalLMTask):
         )
         loss = mlm_sum / n_masked.clamp(min=1)
         no_words = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-        detach = split == "train"
         mlm_metrics = getattr(self, f"{split}_metrics")
-        mlm_metrics.update(mlm_logits.detach() if detach else mlm_logits, labels, mlm_sum.detach(), no_words)
+        predictions = greedy_predictions(mlm_logits.detach(), mlm_metrics.vocab_size)  # (N,)
+        mlm_metrics.update(predictions, labels, mlm_sum.detach(), no_words)
         if self.nsp:
             nsp_loss = F.cross_entropy(nsp_logits.float(), batch["nsp_label"])
             getattr(self, f"{split}_nsp").update(nsp_logits.detach(), batch["nsp_label"], nsp_loss.detach())
