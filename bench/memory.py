@@ -13,16 +13,13 @@ dominate.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import Result
-from bench.model_step import GPT_SHAPE, SMOKE_SHAPE, StepShape, gpt_steps
-
-GPT2_VOCAB_SHAPE = dataclasses.replace(GPT_SHAPE, vocab_size=50257)
+from bench.model_step import GPT2_VOCAB_SHAPE, GPT_SHAPE, SMOKE_SHAPE, StepShape, gpt_steps
 
 
 def step_peak_bytes(step: Callable[[], None], warmup: int = 2) -> int:

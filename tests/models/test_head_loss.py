@@ -107,3 +107,19 @@ def test_models_loss_path_equals_logits_then_cross_entropy(config) -> None:
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
     assert torch.equal(predictions, logits[..., :45].argmax(dim=-1).flatten())
+
+
+def test_bfloat16_parameters_without_autocast_as_fsdp_mixed_precision_gathers_them() -> None:
+    hidden, weight, _, labels = _inputs(bias=False)
+    hidden = hidden.detach().bfloat16().requires_grad_()
+    weight = weight.detach().bfloat16().requires_grad_()
+    expected = F.cross_entropy(
+        F.linear(hidden, weight).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    got = linear_cross_entropy(hidden, weight, None, labels, chunk_rows=8)
+    grads = torch.autograd.grad(got.nll_sum, (hidden, weight))
+    torch.testing.assert_close(got.nll_sum, expected, rtol=1e-5, atol=1e-3)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad, expected_grad, rtol=2e-2, atol=2e-2)
