@@ -383,8 +383,10 @@ class LabelledData(ShardedLoaders, LightningDataModule):
     # ---------------------------------------------------------------------------------- loaders
     def _loader_options(self) -> dict[str, Any]:
         workers = self.num_workers
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return {
             "num_workers": workers,
+            "pin_memory": pin,  # page-locked batches: the copy to the GPU can overlap compute
             "persistent_workers": workers > 0,
             "collate_fn": PadCollator(self.tokenizer.pad_id),
             "generator": torch.Generator().manual_seed(self.seed),
