@@ -8,6 +8,11 @@ runs as its own framework trains it:
 - Hugging Face: ``GPT2LMHeadModel`` / ``BertForMaskedLM`` with ``attn_implementation="sdpa"``, the loss
   the model computes from ``labels``, and ``torch.optim.AdamW(fused=True)``, which is what the HF Trainer
   uses by default with torch >= 2.8 (``optim="adamw_torch_fused"``).
+
+GPT runs at two vocabularies (4000, and GPT-2's 50257, where the output layer dominates). The whole
+comparison runs twice: in this process, with glibc's malloc as it comes, and in a child process whose
+malloc keeps freed memory (``TUNED_MALLOC_ENV``): how much of a ratio is page faults shows as the
+difference (bench/RESULTS.md, 2026-11-23 afternoon).
 """
 
 from __future__ import annotations

@@ -190,14 +190,16 @@ class PoisonWeights(Callback):
 
 
 class PoisonOutputs(Callback):
-    """Makes the model's output NaN for the batches of ``steps`` only (the weights stay healthy)."""
+    """Makes the model's loss NaN for the batches of ``steps`` only (the weights stay healthy)."""
 
     def __init__(self, steps: set[int]) -> None:
         self.steps = steps
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        def hook(module, inputs, output):
-            return output * float("nan") if module.training and trainer.global_step in self.steps else output
+        def hook(module, inputs, output):  # output: the HeadLoss of model(input_ids, labels=...)
+            if module.training and trainer.global_step in self.steps:
+                return output._replace(nll_sum=output.nll_sum * float("nan"))
+            return output
 
         pl_module.model.register_forward_hook(hook)
 
