@@ -258,7 +258,8 @@ def compare_models_with_tuned_malloc(smoke: bool, overrides: list[str]) -> list[
         command, env={**os.environ, **TUNED_MALLOC_ENV}, capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
-        raise RuntimeError(f"the tuned-malloc model step failed: {done.stderr.strip().splitlines()[-1:]}")
+        last_line = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the tuned-malloc model step failed: {last_line}")
     return [Result(**fields) for fields in json.loads(done.stdout.strip().splitlines()[-1])]
 
 

@@ -95,9 +95,8 @@ class NonFiniteGuard(Callback):
         self.skip = skip
         self.skipped = 0
         self._drop_gradients = False
-        self._first_bad: torch.Tensor | None = (
-            None  # [step, epoch, loss] of the first bad step; step -1: none
-        )
+        # On the device: [step, epoch, loss] of the first non-finite step; step -1 while there is none.
+        self._first_bad: torch.Tensor | None = None
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         loss = loss.detach()
