@@ -371,11 +371,12 @@ def build_callbacks(cfg: DictConfig, loggers: list[Any]) -> list[Any]:
         if name == "lr_monitor" and not loggers:
             continue  # LearningRateMonitor refuses to run without a logger
         callbacks.append(hydra.utils.instantiate(node))
-    from lmexp.guards import FinalCheckpoint, NonFiniteGuard, Preemption
+    from lmexp.guards import NonFiniteGuard, Preemption
+    from lmexp.resume import LogRowsInCheckpoint
 
     # Always on: together they cost one scalar read per step and keep the run's state safe.
     skip_nonfinite = bool(cfg.trainer.get("skip_nonfinite", False))
-    callbacks += [NonFiniteGuard(skip=skip_nonfinite), Preemption(), FinalCheckpoint()]
+    callbacks += [NonFiniteGuard(skip=skip_nonfinite), Preemption(), LogRowsInCheckpoint()]
     return callbacks
 
 

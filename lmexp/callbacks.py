@@ -5,13 +5,41 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmexp.perf import device_peak_flops, flops_per_token, mfu
 
 log = logging.getLogger(__name__)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with a ``last.ckpt`` that follows its schedule and the end of training.
+
+    When the monitored metric (``val/loss``) does not exist yet, ModelCheckpoint postpones a save that
+    ``every_n_train_steps`` asks for until the next validation, ``last.ckpt`` included: with validation
+    every 5,000 steps and checkpoints every 500, a job killed at step 4,900 would have nothing to resume
+    from. Here only the best-by-metric save waits for the metric; ``last.ckpt`` is written on schedule.
+    At the end of training ``last.ckpt`` is rewritten when steps ran after its newest save (ModelCheckpoint
+    itself does that only when it never saved one), so it always holds the final weights.
+    """
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every = self._every_n_train_steps
+        if every >= 1 and trainer.global_step % every == 0:
+            self._save_last_if_behind(trainer)  # nothing to do when the save above already happened
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._save_last_if_behind(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def _save_last_if_behind(self, trainer: Any) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips a step saved already
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def _batch_examples(batch: dict[str, Any]) -> int:

@@ -51,26 +51,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, *args, weights_only=weights_only, **kwargs)
 
 
-class FinalCheckpoint(Callback):
-    """Write ``last.ckpt`` when training ends, whatever the checkpoint schedule.
-
-    ModelCheckpoint refreshes ``last.ckpt`` on its own schedule (every ``every_n_train_steps``, or after
-    each validation); the steps after the last scheduled save would otherwise be missing from it.
-    """
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        path = _last_checkpoint_path(trainer)
-        if path is not None and _saved_step(trainer) != trainer.global_step:
-            trainer.save_checkpoint(path)
-
-
-def _saved_step(trainer: Any) -> int | None:
-    for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.save_last:
-            return callback._last_global_step_saved  # the step of its newest save
-    return None
-
-
 # ---------------------------------------------------------------------------------------- non-finite
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite."""

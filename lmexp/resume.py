@@ -2,7 +2,8 @@
 
 A resumed run continues what the checkpoint's run was doing: the same model and tokenizer (checked), the
 same W&B run (its id travels in the checkpoint) and the same CSV log (rows up to the checkpoint's step are
-carried over; the replayed steps are logged again).
+carried over; the replayed steps are logged again). A checkpoint also keeps the log rows of its steps that
+were not on disk yet when it was written, so a job killed right after a save loses no row.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from lmexp.checkpoints import (
@@ -27,6 +29,7 @@ from lmexp.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "never")
+LOG_ROWS_KEY = "lmexp_log_rows"  # in a checkpoint: {"unflushed": [CSV rows], "unlogged": [rows]}
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ResumePoint:
     step: int
     wandb_run_id: str | None = None
     checkpoint: dict[str, Any] = field(default_factory=dict, repr=False)
+    log_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     @property
     def run_dir(self) -> Path | None:
@@ -86,7 +90,8 @@ def resolve_resume(cfg: DictConfig) -> ResumePoint | None:
 
 def _resume_point(path: Path, checkpoint: dict[str, Any]) -> ResumePoint:
     extras = checkpoint.get("lmexp", {})
-    return ResumePoint(path, checkpoint_step(checkpoint), extras.get("wandb_run_id"), checkpoint)
+    step = checkpoint_step(checkpoint)
+    return ResumePoint(path, step, extras.get("wandb_run_id"), checkpoint, checkpoint.get(LOG_ROWS_KEY) or {})
 
 
 def check_fits_run(point: ResumePoint, task: Any, tokenizer_path: Path) -> None:
@@ -97,35 +102,111 @@ def check_fits_run(point: ResumePoint, task: Any, tokenizer_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- CSV log
-def csv_rows_before(point: ResumePoint | None, cfg: DictConfig) -> list[dict[str, str]]:
-    """The rows of the checkpoint run's CSV log logged before its step, to carry into this run's log.
+class LogRowsInCheckpoint(Callback):
+    """Put into every checkpoint the log rows of its steps that are not on disk yet.
 
-    Read before this run's CSV logger starts, since Lightning's CSV writer replaces an existing file.
+    ModelCheckpoint saves in ``on_train_batch_end``; Lightning hands that step's metrics to the loggers
+    only after every hook of the step has run, and the CSV logger keeps rows given to it directly (the
+    learning rate) in memory until the next flush. A job killed between the save and the log would resume
+    without those rows. So each checkpoint carries the rows still in the CSV logger's memory
+    (``unflushed``) and, for a save between this step's hooks and its log, the step's row (``unlogged``,
+    which no logger has). A resumed run adds whichever of them its old CSV log lacks.
+    """
+
+    def __init__(self) -> None:
+        self._row_pending = False  # the step's hooks have run and its row is not logged yet
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        # Lightning logs the row after its hooks, on the steps it logs at: the same test as its own.
+        connector = trainer._logger_connector
+        self._row_pending = not trainer.fit_loop._should_accumulate() and connector.should_update_logs
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._row_pending = False
+
+    def on_validation_start(self, *args: Any) -> None:
+        self._row_pending = False
+
+    def on_train_epoch_end(self, *args: Any) -> None:
+        self._row_pending = False
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if not trainer.is_global_zero:
+            return  # the other ranks' loggers are placeholders, and their checkpoint is never written
+        unflushed = [
+            dict(row) for logger in _csv_loggers(trainer.loggers) for row in logger.experiment.metrics
+        ]
+        unlogged = []
+        if self._row_pending:
+            metrics = trainer._logger_connector.metrics["log"]  # what Lightning is about to log, as it will
+            if metrics:
+                row = {name: float(value) for name, value in metrics.items()}
+                row["epoch"] = trainer.current_epoch
+                unlogged.append({**row, "step": trainer.fit_loop.epoch_loop._batches_that_stepped})
+        checkpoint[LOG_ROWS_KEY] = {"unflushed": unflushed, "unlogged": unlogged}
+
+
+@dataclass
+class CarriedRows:
+    """What a resumed run's loggers take over from the run that wrote its checkpoint."""
+
+    csv: list[dict[str, Any]] = field(default_factory=list)
+    """The old CSV log's rows before the checkpoint's step, then the checkpoint's rows it lacked."""
+    replay: list[dict[str, Any]] = field(default_factory=list)
+    """Rows no logger got (a kill between a save and its step's log), for the loggers other than CSV."""
+
+
+def log_rows_before(point: ResumePoint | None, cfg: DictConfig) -> CarriedRows:
+    """The log rows a run resumed from ``point`` carries over.
+
+    Read before this run's CSV logger starts, since Lightning's CSV writer replaces an existing file. Without
+    a CSV log there is no record of what the other loggers got, so nothing is replayed to them.
     """
     node = (cfg.get("logger") or {}).get("csv")
     if point is None or point.run_dir is None or not node:
-        return []
+        return CarriedRows()
     try:
         relative = _csv_file(node).relative_to(Path(str(cfg.paths.run_dir)))
     except ValueError:  # a CSV log outside the run dir: nothing to find in the old run dir
-        return []
+        return CarriedRows()
     source = point.run_dir / relative
-    if not source.is_file():
-        return []
-    with open(source, newline="", encoding="utf-8") as handle:
-        rows = [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
-    return [row for row in rows if "step" in row and float(row["step"]) < point.step]
+    rows: list[dict[str, Any]] = []
+    if source.is_file():
+        with open(source, newline="", encoding="utf-8") as handle:
+            rows = [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+    rows = [row for row in rows if "step" in row and float(row["step"]) < point.step]
+
+    def missing(kind: str) -> list[dict[str, Any]]:
+        saved = point.log_rows.get(kind, [])
+        return [row for row in saved if float(row["step"]) < point.step and not _has_row(rows, row)]
+
+    unlogged = missing("unlogged")
+    return CarriedRows(csv=rows + missing("unflushed") + unlogged, replay=unlogged)
 
 
-def carry_csv_rows(loggers: list[Any], rows: list[dict[str, str]]) -> None:
-    """Write ``rows`` at the start of this run's CSV log."""
-    if not rows:
-        return
+def _has_row(rows: list[dict[str, Any]], wanted: dict[str, Any]) -> bool:
+    """Whether a row of ``rows`` has ``wanted``'s step and metric names."""
+    names = set(wanted) - {"epoch"}
+    return any(float(row["step"]) == float(wanted["step"]) and names <= set(row) for row in rows)
+
+
+def carry_log_rows(loggers: list[Any], carried: CarriedRows) -> None:
+    """Write the carried rows at the start of this run's CSV log; log the unlogged ones to the others."""
     for logger in loggers:
-        if type(logger).__name__ == "CSVLogger":
-            writer = logger.experiment
-            writer.metrics = rows + writer.metrics
-            writer.save()
+        if logger in _csv_loggers(loggers):
+            if carried.csv:
+                writer = logger.experiment
+                writer.metrics = carried.csv + writer.metrics
+                writer.save()
+            continue
+        for row in carried.replay:
+            logger.log_metrics(
+                {name: value for name, value in row.items() if name != "step"}, step=row["step"]
+            )
+
+
+def _csv_loggers(loggers: list[Any]) -> list[Any]:
+    return [logger for logger in loggers if type(logger).__name__ == "CSVLogger"]
 
 
 def _csv_file(node: Any) -> Path:

@@ -31,7 +31,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
         quiet_lightning,
         wandb_run_id,
     )
-    from lmexp.resume import carry_csv_rows, check_fits_run, csv_rows_before, resolve_resume
+    from lmexp.resume import carry_log_rows, check_fits_run, log_rows_before, resolve_resume
     from lmexp.strategies import end_job
 
     check_config(cfg)  # every config error, in one line, before any data work
@@ -46,10 +46,10 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
     task = build_task(cfg, datamodule)
     if resume:
         check_fits_run(resume, task, datamodule.tokenizer.path)
-    csv_rows = csv_rows_before(resume, cfg)  # read before the CSV logger replaces the file
+    carried_rows = log_rows_before(resume, cfg)  # read before the CSV logger replaces the file
     loggers = build_loggers(cfg, wandb_run_id=resume.wandb_run_id if resume else None)
     if pl.utilities.rank_zero_only.rank == 0:  # other ranks' loggers are placeholders that write nothing
-        carry_csv_rows(loggers, csv_rows)
+        carry_log_rows(loggers, carried_rows)
     task.checkpoint_extras["wandb_run_id"] = wandb_run_id(loggers)
     callbacks = build_callbacks(cfg, loggers) + list(extra_callbacks or [])
     trainer = build_trainer(cfg, loggers, callbacks)

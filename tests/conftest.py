@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,15 @@ TINY = [
 ]
 
 
+def wandb_records(offline_run: Path) -> list[dict]:
+    """The records of an offline W&B run dir, read back with W&B's own reader (no network)."""
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(offline_run)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
 class CrashAtStep(Callback):
     """Simulates a crash: raises once the trainer has finished ``step`` optimizer steps."""
 
@@ -33,6 +44,28 @@ class CrashAtStep(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError("simulated crash")
+
+
+class KillAfterCheckpoint(Callback):
+    """Kills the whole job with SIGKILL right after the checkpoint of ``step`` is on disk.
+
+    ModelCheckpoint writes in ``on_train_batch_end``, and Lightning logs that step's metrics only after
+    every hook of it has run, so this is the moment where the newest checkpoint is ahead of the log on disk.
+    The LightningModule's hook runs after all callbacks' hooks, so it is wrapped here.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        after_callbacks = pl_module.on_train_batch_end
+
+        def kill_after_checkpoint(*args, **kwargs):
+            if trainer.global_step == self.step:
+                os.killpg(os.getpgid(0), signal.SIGKILL)  # the job and its helpers, as a scheduler does
+            return after_callbacks(*args, **kwargs)
+
+        pl_module.on_train_batch_end = kill_after_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ bert point) is shared by the tests of this module.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -148,7 +149,9 @@ def shard_chunks(sharded_checkpoint: Path) -> dict[str, list[tuple[list[int], li
 def test_fsdp_trains_like_ddp_shards_resumes_and_exports(ddp_multirun, config, cache_dir, tmp_path):
     cwd = ddp_multirun["cwd"]
     first = tmp_path / "fsdp"
-    run_lmexp(cwd, cache_dir, *FSDP_CPU, f"data.batch_size={BATCH}", f"hydra.run.dir={first}")
+    # Train rows every 4 steps: the checkpoint of step 10 falls inside the window of steps 8-11.
+    every_4 = "trainer.log_every_n_steps=4"
+    run_lmexp(cwd, cache_dir, *FSDP_CPU, f"data.batch_size={BATCH}", every_4, f"hydra.run.dir={first}")
     assert_rank_zero_outputs(first)
     fsdp = read_metrics(first)
     ddp = read_metrics(ddp_multirun["gpt"])
@@ -174,26 +177,44 @@ def test_fsdp_trains_like_ddp_shards_resumes_and_exports(ddp_multirun, config, c
     # the reference does the same in one process (10 steps, then resumed to 14).
     resumed = tmp_path / "fsdp_resumed"
     run_lmexp(
-        cwd, cache_dir, *FSDP_CPU, f"data.batch_size={BATCH}", "trainer.max_steps=14", f"ckpt_path={sharded}",
-        "trainer.strategy.activation_checkpointing=true", "trainer.strategy.state_dict=full",
-        f"hydra.run.dir={resumed}",
+        cwd, cache_dir, *FSDP_CPU, f"data.batch_size={BATCH}", every_4, "trainer.max_steps=14",
+        f"ckpt_path={sharded}", "trainer.strategy.activation_checkpointing=true",
+        "trainer.strategy.state_dict=full", f"hydra.run.dir={resumed}",
     )  # fmt: skip
     reference_dir = tmp_path / "reference"
     batch = f"data.batch_size={DEVICES * BATCH}"
-    train(config(batch, WHOLE_VAL, run_dir=reference_dir))
+    train(config(batch, WHOLE_VAL, every_4, run_dir=reference_dir))
     reference_last = reference_dir / "checkpoints" / "last.ckpt"
+    reference_resumed = tmp_path / "r"
+    resume = f"ckpt_path={reference_last}"
     reference = train(
-        config(
-            batch, WHOLE_VAL, "trainer.max_steps=14", f"ckpt_path={reference_last}", run_dir=tmp_path / "r"
-        ),
+        config(batch, WHOLE_VAL, every_4, "trainer.max_steps=14", resume, run_dir=reference_resumed)
     )
     after = read_metrics(resumed)
     assert after["perf/global_step"] == 14
     assert after["val/loss"] == pytest.approx(reference["val/loss"], rel=1e-5)
+    # The checkpoint keeps the train metrics of steps 8-9 summed over both ranks (as one process has them),
+    # so the row of steps 8-11 averages all four, as in the reference.
+    window = checkpoint["lmexp"]["train_window"]
+    single = torch.load(reference_last, weights_only=True)["lmexp"]["train_window"]
+    assert window.keys() == single.keys() and window["metrics.tokens.sum_value"] > 0
+    for name in window:
+        torch.testing.assert_close(window[name], single[name], rtol=1e-5, atol=0, msg=name)
+    assert csv_row(resumed, 11)["train/loss"] == pytest.approx(
+        csv_row(reference_resumed, 11)["train/loss"], rel=1e-5
+    )
     full = resumed / "checkpoints" / "last.ckpt"
     assert full.is_file()
     full_weights = load_checkpoint(full)["state_dict"]
     assert full_weights["model.blocks.0.attn.qkv.weight"].shape == torch.Size([96, 32])  # gathered
+
+
+def csv_row(run_dir: Path, step: int) -> dict[str, float]:
+    """The train row of ``step`` in a run's CSV log."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/loss") and int(row["step"]) == step]
+    assert len(rows) == 1, f"{run_dir}: {len(rows)} train rows at step {step}"
+    return {key: float(value) for key, value in rows[0].items() if value}
 
 
 def load_slurm_cluster_helpers() -> Any:

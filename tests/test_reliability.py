@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lmexp.errors import CheckpointError
 from lmexp.guards import NonFiniteLossError
 from lmexp.train import train
-from tests.conftest import CrashAtStep
+from tests.conftest import REPO, CrashAtStep, wandb_records
 
 # Long enough to be caught mid-run, short enough for the suite: the epoch is much longer than the run,
 # so every stop lands mid-epoch and the data position has to be restored. Dropout on, so the random
@@ -124,6 +124,27 @@ def test_kill9_mid_epoch_then_resume_auto_matches_uninterrupted_run(tmp_path, ca
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1
 
 
+def test_kill9_between_checkpoint_and_log_loses_no_logged_step(tmp_path, cache_dir, reference):
+    """The window the timed kill above hits only sometimes: step 14's checkpoint on disk, its log row not."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    kill = ["+callbacks.kill._target_=tests.conftest.KillAfterCheckpoint", "+callbacks.kill.step=14"]
+    every_7 = "callbacks.checkpoint.every_n_train_steps=7"  # before the first validation (step 40), too
+    process = _start(run_dir, cache_dir, every_7, *kill, PYTHONPATH=str(REPO))
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == -signal.SIGKILL, stderr[-3000:]
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == 14
+    assert 13 not in _csv_steps(run_dir, "train/loss")  # the row of the checkpoint's last step never got out
+
+    resumed = _run(run_dir, cache_dir, every_7, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_result(run_dir, reference)
+    # W&B never got step 13's row either: the resumed run logs it (its own history starts at step 14).
+    second = sorted((run_dir / "wandb").glob("offline-run-*"))[-1]
+    history = [r["history"]["item"] for r in wandb_records(second) if r.get("type") == "history"]
+    assert any(row.get("trainer/global_step") == 13 and "train/loss" in row for row in history)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_preemption_signal_checkpoints_at_the_step_and_resumes(tmp_path, cache_dir, reference, signum):
     run_dir = tmp_path / "run"
@@ -169,6 +190,52 @@ def test_damaged_last_checkpoint_falls_back_to_the_newest_good_one(config, tmp_p
         path.write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="resume=auto: no readable checkpoint"):
         train(config(*common, "resume=auto", run_dir=run_dir))
+
+
+def _csv_values(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        return [(int(float(row["step"])), float(row[key])) for row in csv.DictReader(handle) if row.get(key)]
+
+
+def test_resume_inside_a_logging_window_logs_the_same_train_rows(config, tmp_path):
+    # Train metrics are logged per window of 5 steps; the checkpoint of step 7 falls inside the window of
+    # steps 5-9, whose row must still average all five of them after the resume.
+    common = [
+        "trainer.max_steps=15",
+        "trainer.log_every_n_steps=5",
+        "callbacks.checkpoint.every_n_train_steps=7",
+        "model.dropout=0.1",
+    ]
+    reference = tmp_path / "ref"
+    train(config(*common, run_dir=reference))
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(*common, run_dir=run_dir), extra_callbacks=[CrashAtStep(9)])
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == 7
+
+    train(config(*common, "resume=auto", run_dir=run_dir))
+    resumed, expected = _csv_values(run_dir, "train/loss"), _csv_values(reference, "train/loss")
+    assert [step for step, _ in resumed] == [step for step, _ in expected] == [4, 9, 14]
+    assert [value for _, value in resumed] == pytest.approx([value for _, value in expected], abs=1e-6)
+
+
+def test_last_checkpoint_keeps_its_schedule_before_the_first_validation(config, tmp_path):
+    # Validation every 40 steps, checkpoints every 3: val/loss does not exist before step 40, and
+    # last.ckpt must not wait for it (Lightning's ModelCheckpoint alone postpones it until then).
+    common = [
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=40",
+        "callbacks.checkpoint.every_n_train_steps=3",
+    ]
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(*common, run_dir=run_dir), extra_callbacks=[CrashAtStep(7)])
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == 6
+
+    # Finished: last.ckpt holds the final step, rewritten in place (no last-v1.ckpt beside it).
+    train(config(*common, "resume=auto", run_dir=run_dir))
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == 8
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("last*")) == ["last.ckpt"]
 
 
 def test_resume_never_starts_afresh_in_a_run_dir_with_checkpoints(config, tmp_path):

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from lmexp.metrics import IGNORE_INDEX, LanguageModelMetrics
 from lmexp.models.layers import decay_parameter_groups
@@ -87,9 +89,10 @@ class CausalLMTask(LightningModule):
         self.train_metrics.update(predictions, batch["labels"], nll_sum.detach(), batch["n_words"])
         return nll_sum / n_tokens.clamp(min=1)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
         # Train metrics are averaged over each logging window and computed only then, so the step
-        # itself never waits on a host sync.
+        # itself never waits on a host sync. Logged here rather than at batch end: ModelCheckpoint saves
+        # in on_train_batch_end, and a checkpoint keeps the step's row only if it is complete by then.
         trainer = self.trainer
         if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
             return
@@ -159,13 +162,50 @@ class CausalLMTask(LightningModule):
             "numpy": _numpy_state_to_plain(np.random.get_state()),
             "python": random.getstate(),
         }
+        checkpoint["lmexp"]["train_window"] = self._train_window_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        rng = checkpoint.get("lmexp", {}).get("rng")
+        extras = checkpoint.get("lmexp", {})
+        rng = extras.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
             np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
             random.setstate(rng["python"])
+        if extras.get("train_window"):
+            self._restore_train_window(extras["train_window"])
+
+    def _train_metric_parts(self) -> list[tuple[str, Metric]]:
+        return [(name, m) for name, m in self.train_metrics.named_modules() if isinstance(m, Metric)]
+
+    def _train_window_state(self) -> dict[str, torch.Tensor]:
+        """The train metrics' state since their last log, summed over ranks.
+
+        Train metrics are logged per window of ``log_every_n_steps`` steps; a checkpoint taken inside a
+        window keeps what the window holds so far, so the resumed run's first train row covers the same
+        steps as in a run never stopped. Every rank saves (Lightning calls this hook on all of them).
+        """
+        state = {}
+        for name, metric in self._train_metric_parts():
+            with metric.sync_context():  # a collective under DDP; nothing on one process
+                for key, value in metric.metric_state.items():
+                    if isinstance(value, list):  # "cat" states: one tensor, or nothing to keep yet
+                        value = dim_zero_cat(value) if value else None
+                    if value is not None:
+                        state[f"{name}.{key}"] = value.detach().to("cpu", copy=True)
+        return state
+
+    def _restore_train_window(self, state: dict[str, torch.Tensor]) -> None:
+        if self.global_rank != 0:
+            return  # the saved state is the sum over all ranks: one rank holds it, the others start empty
+        for name, metric in self._train_metric_parts():
+            for key, current in metric.metric_state.items():
+                saved = state.get(f"{name}.{key}")
+                if saved is None:
+                    continue
+                if isinstance(current, list):
+                    setattr(metric, key, [saved.to(metric.device)])
+                else:
+                    setattr(metric, key, saved.to(current.device, current.dtype))
 
 
 # Optimizers with a fused single-kernel step in torch, on these device types.

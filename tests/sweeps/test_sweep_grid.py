@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sweep_helpers import records, run_lmexp, sweep_args
+
+from tests.conftest import wandb_records
 
 # debug=fast makes the model 32 wide: 3 heads do not divide it, so the middle point is a bad config.
 GRID = ("model.n_head=1,3,2",)
@@ -43,22 +43,18 @@ def test_a_bad_point_fails_alone_and_the_summary_lists_every_point(grid):
     assert summary["best"] == best
 
 
-def wandb_records(run_dir: Path) -> list[dict]:
-    """The records of a point's offline W&B run, read back with W&B's own reader (no network)."""
+def point_wandb_records(run_dir: Path) -> list[dict]:
+    """The records of a point's offline W&B run."""
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"{run_dir} must hold exactly one W&B run, found {runs}"
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(runs[0])],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return wandb_records(runs[0])
 
 
 def test_each_point_is_its_own_wandb_run_in_the_sweep_group(grid):
     _, sweep_dir = grid
     run_ids = set()
     for n, n_head in ((0, "1"), (2, "2")):
-        found = wandb_records(sweep_dir / str(n))
+        found = point_wandb_records(sweep_dir / str(n))
         run = next(r["run"] for r in found if r.get("type") == "run")
         assert run["run_group"] == "grid" and run["job_type"] == "sweep"
         assert f"model.n_head={n_head}" in run["tags"] and "debug=fast" in run["tags"]
