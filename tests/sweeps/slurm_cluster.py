@@ -192,7 +192,8 @@ def _slurm_conf(root: Path, munge_socket: Path) -> str:
                 "SlurmdUser=root",
                 "AuthType=auth/munge",
                 "CredType=cred/munge",
-                f"AuthInfo=socket={munge_socket}",
+                # cred_expire also holds a requeued job back that long (default 120 s): short, for the tests
+                f"AuthInfo=socket={munge_socket},cred_expire=15",
                 f"StateSaveLocation={root / 'state'}",
                 f"SlurmdSpoolDir={root / 'spool'}",
                 f"SlurmctldPidFile={root / 'run' / 'slurmctld.pid'}",
