@@ -9,6 +9,7 @@ were not on disk yet when it was written, so a job killed right after a save los
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,11 +171,7 @@ def log_rows_before(point: ResumePoint | None, cfg: DictConfig) -> CarriedRows:
     except ValueError:  # a CSV log outside the run dir: nothing to find in the old run dir
         return CarriedRows()
     source = point.run_dir / relative
-    rows: list[dict[str, Any]] = []
-    if source.is_file():
-        with open(source, newline="", encoding="utf-8") as handle:
-            rows = [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
-    rows = [row for row in rows if "step" in row and float(row["step"]) < point.step]
+    rows = [row for row in read_csv_log(source) if "step" in row and float(row["step"]) < point.step]
 
     def missing(kind: str) -> list[dict[str, Any]]:
         saved = point.log_rows.get(kind, [])
@@ -182,6 +179,18 @@ def log_rows_before(point: ResumePoint | None, cfg: DictConfig) -> CarriedRows:
 
     unlogged = missing("unlogged")
     return CarriedRows(csv=rows + missing("unflushed") + unlogged, replay=unlogged)
+
+
+def read_csv_log(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV log, without empty cells; a last line cut short by a kill is dropped."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return [
+        {k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(io.StringIO(text))
+    ]
 
 
 def _has_row(rows: list[dict[str, Any]], wanted: dict[str, Any]) -> bool:
@@ -206,7 +215,9 @@ def carry_log_rows(loggers: list[Any], carried: CarriedRows) -> None:
 
 
 def _csv_loggers(loggers: list[Any]) -> list[Any]:
-    return [logger for logger in loggers if type(logger).__name__ == "CSVLogger"]
+    from lightning.pytorch.loggers import CSVLogger
+
+    return [logger for logger in loggers if isinstance(logger, CSVLogger)]
 
 
 def _csv_file(node: Any) -> Path:
