@@ -171,7 +171,7 @@ def log_rows_before(point: ResumePoint | None, cfg: DictConfig) -> CarriedRows:
     except ValueError:  # a CSV log outside the run dir: nothing to find in the old run dir
         return CarriedRows()
     source = point.run_dir / relative
-    rows = [row for row in read_csv_log(source) if "step" in row and float(row["step"]) < point.step]
+    rows = [row for row in read_csv_log(source) if float(row["step"]) < point.step]
 
     def missing(kind: str) -> list[dict[str, Any]]:
         saved = point.log_rows.get(kind, [])
@@ -182,15 +182,27 @@ def log_rows_before(point: ResumePoint | None, cfg: DictConfig) -> CarriedRows:
 
 
 def read_csv_log(path: Path) -> list[dict[str, str]]:
-    """The rows of a CSV log, without empty cells; a last line cut short by a kill is dropped."""
+    """The rows of a CSV log that carry a step, without empty cells.
+
+    A last line cut short by a kill is dropped, and so are rows whose step is not a number (a damaged
+    file): the log is carried over as far as it can be read, and the resume goes on.
+    """
     if not path.is_file():
         return []
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8", errors="replace")
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-    return [
+    rows = [
         {k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(io.StringIO(text))
     ]
+    return [row for row in rows if _is_number(row.get("step"))]
+
+
+def _is_number(text: str | None) -> bool:
+    try:
+        return text is not None and float(text) == float(text)  # not NaN
+    except ValueError:
+        return False
 
 
 def _has_row(rows: list[dict[str, Any]], wanted: dict[str, Any]) -> bool:

@@ -47,3 +47,9 @@ def test_a_last_line_cut_short_by_a_kill_is_dropped(tmp_path):
     path.write_text("step,train/loss\n0,3.0\n1,2.0\n2,1.2")  # the kill came inside "2,1.25\n"
     assert read_csv_log(path) == [{"step": "0", "train/loss": "3.0"}, {"step": "1", "train/loss": "2.0"}]
     assert read_csv_log(tmp_path / "none.csv") == []
+
+
+def test_rows_of_a_damaged_log_without_a_numeric_step_are_dropped(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,train/loss\n0,3.0\nabc,2.0\n,1.0\n2,1.5\n")
+    assert read_csv_log(path) == [{"step": "0", "train/loss": "3.0"}, {"step": "2", "train/loss": "1.5"}]

@@ -77,8 +77,12 @@ def _step(checkpoint: Path) -> int:
 
 
 def _csv_steps(run_dir: Path, key: str) -> list[int]:
+    return [step for step, _ in _csv_values(run_dir, key)]
+
+
+def _csv_values(run_dir: Path, key: str) -> list[tuple[int, float]]:
     with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
-        return [int(float(row["step"])) for row in csv.DictReader(handle) if row.get(key)]
+        return [(int(float(row["step"])), float(row[key])) for row in csv.DictReader(handle) if row.get(key)]
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +194,6 @@ def test_damaged_last_checkpoint_falls_back_to_the_newest_good_one(config, tmp_p
         path.write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="resume=auto: no readable checkpoint"):
         train(config(*common, "resume=auto", run_dir=run_dir))
-
-
-def _csv_values(run_dir: Path, key: str) -> list[tuple[int, float]]:
-    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
-        return [(int(float(row["step"])), float(row[key])) for row in csv.DictReader(handle) if row.get(key)]
 
 
 def test_resume_inside_a_logging_window_logs_the_same_train_rows(config, tmp_path):
