@@ -20,15 +20,11 @@ OUT = Path(__file__).resolve().parent / "out"
 CPU_SUITE = ("model_step", "memory", "overhead", "startup", "data")
 
 
-def _fail(message: str) -> None:
-    """Bad input: one line on stderr, exit status 2 (as lmexp's commands do)."""
-    print(f"error: {message}", file=sys.__stderr__, flush=True)
-    raise SystemExit(2)
-
-
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's default prints the whole usage first
-        _fail(f"{message} (python -m bench --help lists the options)")
+        from lmexp.errors import UserError
+
+        raise UserError(f"{message} (python -m bench --help lists the options)")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -90,16 +86,14 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
-def _one_line(error: Exception) -> str:
-    """A bad ``--override`` (or another user error) as lmexp's commands report it: one line."""
+def _as_user_error(error: Exception) -> Exception:
+    """A bad ``--override`` (Hydra's own error) as the one-line error lmexp's commands report."""
     from hydra.errors import HydraException
 
     from lmexp.cli import fold_hydra_report
-    from lmexp.errors import UserError, full_errors_requested
+    from lmexp.errors import UserError
 
-    if full_errors_requested() or not isinstance(error, HydraException | UserError):
-        raise error
-    return fold_hydra_report(str(error))
+    return UserError(fold_hydra_report(str(error))) if isinstance(error, HydraException) else error
 
 
 def _write(path: Path, payload: dict) -> None:
@@ -129,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results += module.run(smoke=args.smoke, overrides=args.override)
             except Exception as error:
-                _fail(_one_line(error))
+                raise _as_user_error(error) from None
             finally:
                 sys.stdout = stdout
         seconds[name] = time.perf_counter() - start
@@ -151,4 +145,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lmexp.cli import run_command
+
+    run_command(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.common import Result
-from lmexp.cli import compose_job
+from lmexp.config.compose import compose_job
 
 GPU_RUN = [
     "trainer=gpu",

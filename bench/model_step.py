@@ -63,30 +63,26 @@ def lmexp_config(model: str, overrides: list[str]):
     """The composed lmexp config for ``model`` (so conf/optim and conf/model defaults apply)."""
     from hydra import compose, initialize_config_dir
 
-    from lmexp.cli import config_dir
+    from lmexp.config.compose import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("train", overrides=[f"model={model}", *overrides])
 
 
 def _lmexp_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    import hydra
+    """The optimizer a task configures from ``conf/optim`` (decay groups, fused step where it applies)."""
+    from lmexp.config.settings import group
 
-    from lmexp.tasks.language_model import CausalLMTask
-
-    task = CausalLMTask(
-        model, optimizer=hydra.utils.instantiate(cfg.optim), vocab_size=model.config.vocab_size
-    )
-    return task.configure_optimizers()["optimizer"]
+    return group(cfg, "optim").build(model)
 
 
 def _lmexp_side(model: str, shape: StepShape, overrides: list[str]) -> tuple[Any, torch.nn.Module, Any]:
     """lmexp's model config, model (in training mode) and optimizer for ``shape``."""
-    from lmexp.builders import build_config_object
+    from lmexp.config.settings import group
 
     torch.manual_seed(0)
     cfg = lmexp_config(model, [*_shape_overrides(shape), *overrides])
-    config = build_config_object(cfg.model, "model", vocab_size=shape.vocab_size)
+    config = group(cfg, "model", vocab_size=shape.vocab_size)
     built = config.build().train()
     return config, built, _lmexp_optimizer(cfg, built)
 
@@ -105,7 +101,7 @@ def gpt_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], 
     """One training step of lmexp's GPT and of HF's GPT2LMHeadModel, as closures."""
     from transformers import GPT2LMHeadModel
 
-    from lmexp.export import gpt2_config
+    from lmexp.inference.export import gpt2_config
 
     config, ours, ours_optimizer = _lmexp_side("gpt", shape, overrides)
 
@@ -130,8 +126,8 @@ def bert_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[],
     """One MLM training step of lmexp's BERT (NSP off) and of HF's BertForMaskedLM, as closures."""
     from transformers import BertForMaskedLM
 
-    from lmexp.export import bert_config
-    from lmexp.tasks.masked_lm import mlm_loss_sum
+    from lmexp.inference.export import bert_config
+    from lmexp.tasks.mlm import mlm_loss_sum
 
     config, ours, ours_optimizer = _lmexp_side("bert", shape, overrides)
 
@@ -162,10 +158,10 @@ def bert_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[],
 
 def optimizer_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], None]]:
     """AdamW's step alone over lmexp's GPT parameters: lmexp's choice (fused) against torch's default."""
-    from lmexp.builders import build_config_object
+    from lmexp.config.settings import group
 
     cfg = lmexp_config("gpt", [*_shape_overrides(shape), *overrides])
-    model = build_config_object(cfg.model, "model", vocab_size=shape.vocab_size).build()
+    model = group(cfg, "model", vocab_size=shape.vocab_size).build()
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
     ours = _lmexp_optimizer(cfg, model)

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from bench.common import Result, median
-from lmexp.cli import compose_job
+from lmexp.config.compose import compose_job
 
 DEFAULT_OVERRIDES = ["model=gpt"]  # the README's main job, shortened below
 SMOKE_OVERRIDES = ["debug=fast"]
@@ -68,16 +68,14 @@ def bare_loop_steps(base: list[str], steps: int, warmup: int) -> tuple[list[floa
     """Per-step seconds of a plain loop over lmexp's model and data, and the time in ``next(loader)``."""
     import lightning.pytorch as pl
 
-    from lmexp.builders import build_datamodule, build_task
-    from lmexp.metrics import IGNORE_INDEX
+    from lmexp.tasks.metrics import IGNORE_INDEX
+    from lmexp.training.build import build_run
 
     with tempfile.TemporaryDirectory(prefix="lmexp-bench-") as run_dir:
         cfg = compose_job(_job_overrides(base, steps), Path(run_dir))
         pl.seed_everything(cfg.seed, verbose=False)
-        datamodule = build_datamodule(cfg)
-        datamodule.prepare()
+        _, datamodule, task = build_run(cfg)
         datamodule.setup("fit")
-        task = build_task(cfg, datamodule)
     model = task.model.train()
     configured = task.configure_optimizers()
     optimizer = configured["optimizer"]

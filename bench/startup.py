@@ -93,9 +93,9 @@ def _probe(job: list[str]) -> None:
     import lightning.pytorch  # noqa: F401  - imports every run needs, at the top as a run does them
     import torch  # noqa: F401
 
-    import lmexp.builders as builders
     import lmexp.train
-    from lmexp.cli import compose_job
+    import lmexp.training.build as builders
+    from lmexp.config.compose import compose_job
 
     marks["imports"] = clock() - start
 
@@ -116,8 +116,8 @@ def _probe(job: list[str]) -> None:
 
     build_datamodule = builders.build_datamodule
 
-    def datamodule_timed(cfg: Any) -> Any:
-        datamodule = timed("data", build_datamodule)(cfg)
+    def datamodule_timed(*args: Any, **kwargs: Any) -> Any:
+        datamodule = timed("data", build_datamodule)(*args, **kwargs)
         datamodule.prepare = timed("data", datamodule.prepare)
         return datamodule
 

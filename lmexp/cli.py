@@ -1,12 +1,13 @@
-"""What every ``python -m lmexp.<command>`` shares: the config dir and one-line errors.
+"""What every ``python -m lmexp.<command>`` shares: one-line errors, and how relaunched ranks start.
 
 Bad input must end in one line on stderr that names the culprit, a non-zero exit and no traceback.
-Our own code raises :class:`lmexp.errors.UserError`; :func:`guarded` turns it into that line. Hydra
-reports composition errors (unknown key, unknown config option) itself, over several lines, before
-the task function runs; :func:`run_cli` holds stderr back until the task starts and folds such a
+Our own code raises :class:`lmexp.errors.UserError`; :func:`guarded` (Hydra commands) and
+:func:`run_command` (plain commands: plan, report, bench) turn it into that line. Hydra reports composition
+errors (unknown key, unknown config option, a value its grammar cannot read) itself, over several lines,
+before the task function runs; :func:`run_cli` holds stderr back until the task starts and folds such a
 report into one line. ``HYDRA_FULL_ERROR=1`` turns all of this off.
 
-Distributed ranks: when Lightning starts ranks 1..n-1 of a job (lmexp.strategies.RankLauncher), each
+Distributed ranks: when Lightning starts ranks 1..n-1 of a job (lmexp.training.distributed), each
 runs ``python -m <entry>`` with the job's resolved config in ``LMEXP_RANK_CONFIG``; :func:`run_cli` then
 skips Hydra altogether and runs the task function on that config, so a rank never re-runs a sweep and
 never writes Hydra's outputs. Ranks started by the cluster (``srun``, torchrun) do run Hydra; for ranks
@@ -21,7 +22,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from lmexp.errors import UserError, full_errors_requested
@@ -35,47 +35,6 @@ DEFAULT_ENTRY = "lmexp.train"
 _entry_module: list[str] = []  # the module run with ``python -m``, recorded by run_cli
 
 
-def config_dir() -> str:
-    """Absolute path of the ``conf/`` directory next to the package."""
-    return str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def compose_job(
-    overrides: list[str],
-    output_dir: str | Path,
-    config_name: str = "train",
-    job_num: int = 0,
-    mode: Any = None,
-    keep_hydra: bool = False,
-) -> Any:
-    """``conf/<config_name>.yaml`` composed in-process as ``python -m lmexp.<command> <overrides>`` would.
-
-    Hydra's job state is set as its launcher sets it (output dir, job number, optionally the run mode), so
-    ``${hydra:runtime.output_dir}`` and sweep-aware code resolve as in a real job. Without ``keep_hydra``
-    the ``hydra`` node is dropped, leaving the job's config. Works inside or outside an initialised Hydra.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    if GlobalHydra.instance().is_initialized():
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    else:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = job_num
-        if mode is not None:
-            cfg.hydra.mode = mode
-    HydraConfig.instance().set_config(cfg)
-    if not keep_hydra:
-        with open_dict(cfg):
-            del cfg["hydra"]
-    return cfg
-
-
 def _release_stderr() -> str:
     """Stop holding stderr back; return what was held."""
     if not _held_stderr:
@@ -85,8 +44,17 @@ def _release_stderr() -> str:
     return buffer.getvalue()
 
 
+QUOTING_HINT = (
+    "Hydra's override grammar reads unquoted values as plain ASCII words: quote the value, e.g. "
+    "'prompt=\"大语言模型\"' (single quotes for the shell, double quotes for Hydra)"
+)
+
+
 def fold_hydra_report(text: str) -> str:
     """One line from Hydra's multi-line error report (dropping its hints and search-path listing)."""
+    if "LexerNoViableAltException" in text or "token recognition error" in text:
+        override = next((line.split("'", 2)[1] for line in text.splitlines() if "override '" in line), "")
+        return f"cannot read the override {override!r}: {QUOTING_HINT}" if override else QUOTING_HINT
     parts: list[str] = []
     for raw in text.splitlines():
         line = raw.strip()
@@ -123,10 +91,23 @@ def guarded(task: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def run_command(main: Callable[[], Any]) -> None:
+    """Run a plain (non-Hydra) command: a UserError becomes ``error: <one line>`` and exit status 2; a
+    returned int is the exit status."""
+    try:
+        status = main()
+    except UserError as error:
+        if full_errors_requested():
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    raise SystemExit(status if isinstance(status, int) else 0)
+
+
 def run_cli(main: Callable[..., Any]) -> None:
     """Run a ``@hydra.main`` function, folding Hydra's own composition errors into one line.
 
-    In a rank started by :class:`lmexp.strategies.RankLauncher`, run it on the job config it was given.
+    In a rank relaunched by lmexp (lmexp.training.distributed), run it on the job config it was given.
     """
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     _entry_module[:] = [spec.name] if spec is not None else []

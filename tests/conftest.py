@@ -13,7 +13,7 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
-from lmexp.cli import compose_job
+from lmexp.config.compose import compose_job
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -36,6 +36,7 @@ def _bench(tmp_path: Path, cache_dir: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_cpu_suite_runs_every_benchmark_once(tmp_path, cache_dir):
     report = _bench(tmp_path, cache_dir)
     assert report["smoke"] is True
@@ -64,6 +65,7 @@ def test_cpu_suite_runs_every_benchmark_once(tmp_path, cache_dir):
     assert report["machine"]["torch"] and report["machine"]["host_cpus"] >= 1
 
 
+@pytest.mark.slow
 def test_gpu_suite_code_runs_on_the_cpu_in_smoke_mode(tmp_path, cache_dir):
     # No GPU here: --smoke runs the GPU suite's code (full lmexp path under bf16-mixed, the HF loop) on
     # the CPU with tiny sizes, so that the code a GPU session runs is known to work.
@@ -73,6 +75,7 @@ def test_gpu_suite_code_runs_on_the_cpu_in_smoke_mode(tmp_path, cache_dir):
         assert result["values"]["lmexp_tokens_per_sec"] > 0 and result["values"]["hf_tokens_per_sec"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "named"),
     [(["--only", "nope"], "--only"), (["--only", "model_step", "--override", "optim.nope=1"], "optim.nope")],

@@ -11,14 +11,16 @@ file lock and renamed into place, so parallel runs and DDP ranks share the work 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
 
 from lmexp.cache import atomic_write_json, atomic_write_text, build_lock, files_digest, stable_hash
+from lmexp.config.schema import at_least, listed, positive
+from lmexp.data.context import DataConfig, DataContext
 from lmexp.data.corpus import GrammarConfig, build_grammar, generate_documents
 from lmexp.data.packing import TokenBlocks, load_token_file, split_documents, write_token_file
 from lmexp.data.pairs import PairSpecials, build_pair_examples, split_sentences
@@ -29,21 +31,71 @@ from lmexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("builtin", "text")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class TextDataConfig(DataConfig):
+    """``conf/data/builtin.yaml`` and ``text.yaml``: a corpus of documents packed into token blocks."""
+
+    example_formats: ClassVar[tuple[str, ...]] = ("blocks", "pairs")
+
+    source: Literal["builtin", "text"] = "builtin"
+    """``builtin`` (the generated grammar corpus, lmexp/data/corpus.py) or ``text`` (your files, ``path``)."""
+    block_size: int = positive(128)
+    """Tokens per training example."""
+    batch_size: int = positive(32)
+    """Examples per batch on each device."""
+    num_workers: int = at_least(0, 0)
+    """DataLoader worker processes."""
+    splits: dict[str, float] = listed(lambda: {"train": 0.9, "val": 0.05, "test": 0.05})
+    """Fractions of the documents for train/val/test when the split files are not given."""
+    split_seed: int = 0
+    """Seed of the document split."""
+    n_documents: int = at_least(20_000, 3)
+    """Documents of the built-in corpus."""
+    corpus_seed: int = 0
+    """Seed of the built-in corpus."""
+    grammar: dict[str, Any] = listed(dict)
+    """Overrides of the built-in corpus's GrammarConfig (lmexp/data/corpus.py), e.g. ``{n_topics: 4}``."""
+    path: str | list[str] | None = None
+    """A file, a directory or a glob (or a list of them) of .txt/.jsonl files (``source: text``)."""
+    val_path: str | list[str] | None = None
+    """Validation files; with them ``path`` is all training data."""
+    test_path: str | list[str] | None = None
+    """Test files (optional)."""
+    text_field: str = "text"
+    """The field of a .jsonl object that holds the document."""
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.source == "builtin":
+            try:
+                GrammarConfig(**self.grammar)
+            except ConfigError as error:
+                problems.extend(error.problems)
+            except TypeError:
+                known = ", ".join(GrammarConfig.__dataclass_fields__)
+                problems.append(f"data.grammar has an unknown key (known: {known})")
+        if self.source == "text" and not self.path:
+            problems.append("data.path is not set: expected a file, directory or glob of .txt/.jsonl")
+        unknown = sorted(k for k in self.splits if k not in SPLIT_NAMES)
+        if unknown:
+            problems.append(f"data.splits has unknown split(s) {unknown}: expected train, val, test")
+        return problems
+
+    def build(self, context: DataContext) -> LanguageModelData:
+        """The data module of this config (it touches no file until ``prepare()``)."""
+        return LanguageModelData(
+            self, context.tokenizer, context.cache_dir, context.seed, context.example_format, context.nsp
+        )
 
 
 class LanguageModelData(ShardedLoaders, LightningDataModule):
-    """Packed fixed-length token blocks for causal language modelling.
+    """Packed fixed-length token blocks for causal language modelling, or sentence pairs for masked LM.
 
     Args:
-        source: ``builtin`` (the generated grammar corpus) or ``text`` (``path``).
-        block_size: tokens per training example.
-        batch_size: examples per batch on each device.
-        num_workers: DataLoader worker processes.
-        splits: fractions of documents for train/val/test when the split files are not given.
-        split_seed: seed of the document split.
-        n_documents, corpus_seed, grammar: the built-in corpus (``grammar`` overrides GrammarConfig).
-        path, val_path, test_path, text_field: the text source.
+        config: the ``data`` settings.
         tokenizer: the sentencepiece settings.
         cache_dir: where corpora, tokenizers and token files are cached.
         seed: seed of the training order.
@@ -54,78 +106,39 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
 
     def __init__(
         self,
-        source: str = "builtin",
-        block_size: int = 128,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        splits: dict[str, float] | None = None,
-        split_seed: int = 0,
-        n_documents: int = 20_000,
-        corpus_seed: int = 0,
-        grammar: dict[str, Any] | None = None,
-        path: str | list[str] | None = None,
-        val_path: str | list[str] | None = None,
-        test_path: str | list[str] | None = None,
-        text_field: str = "text",
-        tokenizer: TokenizerConfig | None = None,
+        config: TextDataConfig,
+        tokenizer: TokenizerConfig,
         cache_dir: str | Path = "~/.cache/lmexp",
         seed: int = 0,
         example_format: str = "blocks",
         nsp: bool = False,
     ) -> None:
         super().__init__()
+        if example_format not in ("blocks", "pairs"):
+            raise ConfigError(f"example format {example_format!r} is not one of blocks, pairs")
+        self.config = config
         self.example_format = example_format
         self.nsp = nsp
         self._documents: dict[str, list[str]] = {}
-        self.source = source
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.splits = dict(splits or {"train": 0.9, "val": 0.05, "test": 0.05})
-        self.split_seed = split_seed
-        self.n_documents = n_documents
-        self.corpus_seed = corpus_seed
-        self.grammar_overrides = dict(grammar or {})
-        self.path, self.val_path, self.test_path = path, val_path, test_path
-        self.text_field = text_field
-        self.tokenizer_config = tokenizer or TokenizerConfig()
+        self.source = config.source
+        self.block_size = config.block_size
+        self.batch_size = config.batch_size
+        self.num_workers = config.num_workers
+        self.splits = dict(config.splits)
+        self.split_seed = config.split_seed
+        self.n_documents = config.n_documents
+        self.corpus_seed = config.corpus_seed
+        self.grammar_overrides = dict(config.grammar)
+        self.path, self.val_path, self.test_path = config.path, config.val_path, config.test_path
+        self.text_field = config.text_field
+        self.tokenizer_config = replace(tokenizer)
         self.cache_dir = Path(cache_dir).expanduser()
         self.seed = seed
         self.tokenizer: Tokenizer | None = None
         self.token_files: dict[str, Path] = {}
         self.bpw_floor: float | None = None
+        self.labels: list[str] | None = None  # language-model data has no label set
         self.datasets: dict[str, TokenBlocks] = {}
-        self.validate()
-
-    # ----------------------------------------------------------------------------------- checks
-    def validate(self) -> None:
-        """Check the settings without touching any file; raises ConfigError listing every problem."""
-        problems = []
-        if self.source not in SOURCES:
-            problems.append(f"data.source={self.source!r} is not one of {', '.join(SOURCES)}")
-        for key in ("block_size", "batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"data.{key}={value!r}: expected a positive integer")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            problems.append(f"data.num_workers={self.num_workers!r}: expected an integer >= 0")
-        if self.source == "builtin":
-            if not isinstance(self.n_documents, int) or self.n_documents < 3:
-                problems.append(f"data.n_documents={self.n_documents!r}: expected an integer >= 3")
-            try:
-                self.grammar_config()
-            except ConfigError as error:
-                problems.extend(error.problems)
-            except TypeError:
-                known = ", ".join(GrammarConfig.__dataclass_fields__)
-                problems.append(f"data.grammar has an unknown key (known: {known})")
-        if self.source == "text" and not self.path:
-            problems.append("data.path is not set: expected a file, directory or glob of .txt/.jsonl")
-        bad = {k: v for k, v in self.splits.items() if k not in ("train", "val", "test")}
-        if bad:
-            problems.append(f"data.splits has unknown split(s) {sorted(bad)}: expected train, val, test")
-        if problems:
-            raise ConfigError(problems)
 
     def grammar_config(self) -> GrammarConfig:
         return GrammarConfig(**self.grammar_overrides)
@@ -135,9 +148,7 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
         """Build or load the corpus, tokenizer and token files (idempotent, safe across processes)."""
         if self.tokenizer is not None:
             return
-        if self.example_format not in ("blocks", "pairs"):
-            raise ConfigError(f"example format {self.example_format!r} is not one of blocks, pairs")
-        documents, corpus_key = self._documents_by_split()
+        documents, corpus_key = self.documents_by_split()
         self._documents = documents
         self.tokenizer = train_or_load_tokenizer(
             documents["train"], corpus_key, self.tokenizer_config, self.cache_dir
@@ -157,7 +168,7 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
     def prepare_data(self) -> None:
         self.prepare()
 
-    def _documents_by_split(self) -> tuple[dict[str, list[str]], str]:
+    def documents_by_split(self) -> tuple[dict[str, list[str]], str]:
         if self.source == "builtin":
             documents, corpus_key = self._builtin_documents()
             return self._split(documents, corpus_key), corpus_key

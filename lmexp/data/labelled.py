@@ -18,21 +18,21 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import Dataset
 
 from lmexp.cache import atomic_path, build_lock, files_digest
+from lmexp.config.schema import at_least, positive
+from lmexp.data.context import DataConfig, DataContext
 from lmexp.data.packing import IGNORE_INDEX
 from lmexp.data.sampling import ShardedLoaders
-from lmexp.data.tokenizer import MODEL_FILE, Tokenizer, TokenizerConfig, train_or_load_tokenizer
+from lmexp.data.tokenizer import MODEL_FILE, Tokenizer, train_or_load_tokenizer
 from lmexp.errors import ConfigError, DataError
 
-FORMATS = ("jsonl", "conll")
 EXAMPLE_FORMATS = ("classify", "ner")
-LAYOUTS = ("cls_sep", "eos")
 SPLITS = ("train", "val", "test")
 _CONLL_SKIP = "-DOCSTART-"  # CoNLL-2003 document separators carry no sentence
 
@@ -195,105 +195,94 @@ class PadCollator:
 
 
 # ---------------------------------------------------------------------------------------- data module
-class LabelledData(ShardedLoaders, LightningDataModule):
-    """Labelled examples for ``task=classify`` (text -> label) and ``task=ner`` (words -> tags).
+@dataclass
+class LabelledDataConfig(DataConfig):
+    """``conf/data/jsonl.yaml`` and ``conll.yaml``: labelled examples for ``task=classify`` and
+    ``task=ner``."""
 
-    Args:
-        format: ``jsonl`` or ``conll`` (NER only).
-        train_path, val_path, test_path: the split files; ``train_path`` and ``val_path`` are needed for
-            training, ``test_path`` alone for evaluation.
-        text_field, label_field, tokens_field, tags_field: JSON field names.
-        block_size: the most tokens per example, specials included (longer examples are truncated).
-        batch_size, num_workers: as for language-model data.
-        tokenizer: sentencepiece settings, used when no tokenizer is given (training from scratch).
-        cache_dir: where a tokenizer trained here (or taken from a checkpoint) is cached.
-        seed: seed of the training order.
-        example_format: ``classify`` or ``ner``; set from the task.
-        nsp: ignored (the builder passes it to every data module).
-        tokenizer_model: bytes of a sentencepiece model (a pre-trained run's); None = train one on the
-            training split.
-        layout: ``cls_sep`` (BERT) or ``eos`` (GPT, LSTM); set from the model family.
-        labels: the label set (from a checkpoint); None = the sorted labels of the training split.
-        n_documents: unused; accepted so that presets sized for the built-in corpus (``debug=fast``)
-            compose with labelled data too.
-    """
+    example_formats: ClassVar[tuple[str, ...]] = EXAMPLE_FORMATS
 
-    def __init__(
-        self,
-        format: str = "jsonl",
-        train_path: str | None = None,
-        val_path: str | None = None,
-        test_path: str | None = None,
-        text_field: str = "text",
-        label_field: str = "label",
-        tokens_field: str = "tokens",
-        tags_field: str = "tags",
-        block_size: int = 128,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        tokenizer: TokenizerConfig | None = None,
-        cache_dir: str | Path = "~/.cache/lmexp",
-        seed: int = 0,
-        example_format: str = "classify",
-        nsp: bool = False,
-        tokenizer_model: bytes | None = None,
-        layout: str = "eos",
-        labels: list[str] | None = None,
-        n_documents: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.format = format
-        self.paths = {"train": train_path, "val": val_path, "test": test_path}
-        self.fields = {"text": text_field, "label": label_field, "tokens": tokens_field, "tags": tags_field}
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.tokenizer_config = tokenizer or TokenizerConfig()
-        self.cache_dir = Path(cache_dir).expanduser()
-        self.seed = seed
-        self.example_format = example_format
-        self.tokenizer_model = tokenizer_model
-        self.layout = layout
-        self.labels: list[str] | None = list(labels) if labels is not None else None
-        self.tokenizer: Tokenizer | None = None
-        self.records: dict[str, list[Record]] = {}
-        self.datasets: dict[str, LabelledExamples] = {}
-        self.bpw_floor: float | None = None  # read by the builders; labelled data has no entropy floor
-        self.validate()
+    format: Literal["jsonl", "conll"] = "jsonl"
+    """``jsonl`` (one JSON object per line) or ``conll`` (``token ... tag`` lines; task=ner only)."""
+    train_path: str | None = None
+    """Training examples; the label set and (without init_from) the tokenizer come from them."""
+    val_path: str | None = None
+    """Validation examples (needed for training)."""
+    test_path: str | None = None
+    """Test examples (optional; evaluated after training)."""
+    text_field: str = "text"
+    """The JSON field holding the text (task=classify)."""
+    label_field: str = "label"
+    """The JSON field holding the label (task=classify)."""
+    tokens_field: str = "tokens"
+    """The JSON field holding the words (task=ner)."""
+    tags_field: str = "tags"
+    """The JSON field holding one tag per word (task=ner)."""
+    block_size: int = at_least(128, 3)
+    """The most tokens per example, specials included (longer examples are truncated)."""
+    batch_size: int = positive(32)
+    """Examples per batch on each device."""
+    num_workers: int = at_least(0, 0)
+    """DataLoader worker processes."""
+    n_documents: int | None = None
+    """Ignored; accepted so that presets sized for the built-in corpus (``debug=fast``) compose here too."""
 
-    # ----------------------------------------------------------------------------------- checks
-    def validate(self) -> None:
-        """Check the settings without touching any file; raises ConfigError listing every problem."""
+    def training_problems(self) -> list[str]:
+        return [
+            f"data.{split}_path is not set: expected a labelled .{self.format} file"
+            for split in ("train", "val")
+            if not getattr(self, f"{split}_path")
+        ]
+
+    def build(self, context: DataContext) -> LabelledData:
+        """The data module of this config (it reads no file until ``prepare()``)."""
         problems = []
-        if self.format not in FORMATS:
-            problems.append(f"data.format={self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.example_format not in EXAMPLE_FORMATS:
-            problems.append(
-                f"labelled data (data.format={self.format}) feeds task=classify or task=ner, "
-                f"not a {self.example_format!r} task"
-            )
-        elif self.format == "conll" and self.example_format == "classify":
+        if self.format == "conll" and context.example_format == "classify":
             problems.append(
                 "data=conll holds token tags: use it with task=ner (task=classify reads data=jsonl)"
             )
-        for key in ("block_size", "batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"data.{key}={value!r}: expected a positive integer")
-        if isinstance(self.block_size, int) and self.block_size < 3:
-            problems.append(f"data.block_size={self.block_size}: expected at least 3 tokens per example")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            problems.append(f"data.num_workers={self.num_workers!r}: expected an integer >= 0")
-        if self.layout not in LAYOUTS:
-            problems.append(f"example layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
-        if self.labels is None:  # training: the label set comes from the training split
-            for split in ("train", "val"):
-                if not self.paths[split]:
-                    problems.append(f"data.{split}_path is not set: expected a labelled .{self.format} file")
-        elif not any(self.paths.values()):
+        if context.labels is None:  # training: the label set comes from the training split
+            problems += self.training_problems()
+        elif not (self.train_path or self.val_path or self.test_path):
             problems.append("data.test_path is not set: expected a labelled file to evaluate on")
         if problems:
             raise ConfigError(problems)
+        return LabelledData(self, context)
+
+
+class LabelledData(ShardedLoaders, LightningDataModule):
+    """Labelled examples for ``task=classify`` (text -> label) and ``task=ner`` (words -> tags).
+
+    ``context.tokenizer_model`` (a pre-trained run's tokenizer) is used when given, else a tokenizer is
+    trained on the training split; ``context.labels`` (a checkpoint's label set) likewise, else the sorted
+    labels of the training split. Examples are framed for the model kind (``context.layout``).
+    """
+
+    def __init__(self, config: LabelledDataConfig, context: DataContext) -> None:
+        super().__init__()
+        self.config = config
+        self.format = config.format
+        self.paths = {"train": config.train_path, "val": config.val_path, "test": config.test_path}
+        self.fields = {
+            "text": config.text_field,
+            "label": config.label_field,
+            "tokens": config.tokens_field,
+            "tags": config.tags_field,
+        }
+        self.block_size = config.block_size
+        self.batch_size = config.batch_size
+        self.num_workers = config.num_workers
+        self.tokenizer_config = context.tokenizer
+        self.cache_dir = Path(context.cache_dir).expanduser()
+        self.seed = context.seed
+        self.example_format = context.example_format
+        self.tokenizer_model = context.tokenizer_model
+        self.layout = context.layout
+        self.labels: list[str] | None = list(context.labels) if context.labels is not None else None
+        self.tokenizer: Tokenizer | None = None
+        self.records: dict[str, list[Record]] = {}
+        self.datasets: dict[str, LabelledExamples] = {}
+        self.bpw_floor: float | None = None  # labelled data has no entropy floor
 
     # ---------------------------------------------------------------------------------- prepare
     def prepare(self) -> None:

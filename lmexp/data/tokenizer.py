@@ -13,13 +13,15 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import sentencepiece as spm
 
 from lmexp.cache import atomic_write_json, build_lock, stable_hash
+from lmexp.config.schema import Schema, at_least, between, listed, positive
 from lmexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,6 @@ log = logging.getLogger(__name__)
 PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 WORD_START = "\u2581"  # "▁", sentencepiece's marker for a preceding space
-KINDS = ("bpe", "unigram")
 MIN_VOCAB_SIZE = 64
 _N_BYTE_PIECES = 256
 _TRAINING_SEED = 1234  # sentencepiece samples lines beyond input_sentence_size; fixed for reproducibility
@@ -39,69 +40,57 @@ MODEL_FILE, VOCAB_FILE, META_FILE = "spm.model", "spm.vocab", "meta.json"
 
 
 @dataclass
-class TokenizerConfig:
-    """How to train a sentencepiece tokenizer; every field except ``num_threads`` is part of the cache key."""
+class TokenizerConfig(Schema):
+    """``conf/tokenizer/*.yaml``: how to train a sentencepiece tokenizer; every field except
+    ``num_threads`` is part of the cache key."""
 
-    kind: str = "bpe"
-    """Sentencepiece model type: ``"bpe"`` or ``"unigram"``."""
-    vocab_size: int = 4096
+    group: ClassVar[str] = "tokenizer"
+
+    kind: Literal["bpe", "unigram"] = "bpe"
+    """Sentencepiece model type: ``bpe`` or ``unigram``."""
+    vocab_size: int = at_least(4096, MIN_VOCAB_SIZE)
     """Total number of pieces, including the 4 fixed specials, byte pieces and extra special tokens."""
-    character_coverage: float = 1.0
+    character_coverage: float = between(1.0, 0.0, 1.0, low_open=True)
     """Fraction of characters covered by the vocabulary; rarer characters go through byte fallback."""
     byte_fallback: bool = True
     """Encode characters outside the vocabulary as UTF-8 byte pieces instead of ``<unk>``."""
-    extra_special_tokens: list[str] = field(default_factory=list)
+    extra_special_tokens: list[str] = listed(list)
     """Extra tokens (e.g. ``["[CLS]", "[SEP]", "[MASK]"]``) that always encode as one id, never split."""
     pad_piece: str = PAD_PIECE
     """The text of the padding token (id 0); masked-LM runs name it ``[PAD]``, BERT's spelling."""
     unk_piece: str = UNK_PIECE
     """The text of the unknown token (id 1); masked-LM runs name it ``[UNK]``."""
-    max_training_sentences: int = 2_000_000
+    max_training_sentences: int = positive(2_000_000)
     """Sentencepiece ``input_sentence_size``: lines beyond this many are sampled."""
-    num_threads: int = 0
+    num_threads: int = at_least(0, 0)
     """Threads for training and batch encoding; 0 means ``os.cpu_count()``."""
 
-    def __post_init__(self) -> None:
-        problems = _config_problems(self)
-        if problems:
-            raise ConfigError(problems)
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.byte_fallback:
+            needed = 4 + _N_BYTE_PIECES + len(self.extra_special_tokens) + 1
+            if self.vocab_size < needed:
+                problems.append(
+                    f"tokenizer.vocab_size={self.vocab_size} is too small for tokenizer.byte_fallback=true "
+                    f"(4 specials + 256 byte pieces + {len(self.extra_special_tokens)} extra tokens); "
+                    f"use at least {needed}"
+                )
+        for key in ("pad_piece", "unk_piece"):
+            piece = getattr(self, key)
+            if not piece or any(ch.isspace() for ch in piece):
+                problems.append(f"tokenizer.{key}={piece!r}: expected a non-empty string without whitespace")
+        reserved = {self.pad_piece, self.unk_piece, BOS_PIECE, EOS_PIECE}
+        return problems + _special_token_problems(self.extra_special_tokens, reserved)
+
+    def with_task_tokens(self, special_tokens: tuple[str, ...], pieces: dict[str, str]) -> TokenizerConfig:
+        """A copy that reserves a task's special tokens and spells pad/unk as the task wants."""
+        extra = list(self.extra_special_tokens)
+        extra += [token for token in special_tokens if token not in extra]
+        return replace(self, extra_special_tokens=extra, **pieces)
 
     def resolved_threads(self) -> int:
         """The number of threads to use, with 0 resolved to the machine's CPU count."""
         return self.num_threads or os.cpu_count() or 1
-
-
-def _config_problems(config: TokenizerConfig) -> list[str]:
-    """Every problem with ``config``, each naming its ``tokenizer.<field>`` key."""
-    problems: list[str] = []
-    if config.kind not in KINDS:
-        kinds = ", ".join(KINDS)
-        problems.append(f"tokenizer.kind={config.kind!r} is not supported; expected one of {kinds}")
-    if not isinstance(config.vocab_size, int) or config.vocab_size < MIN_VOCAB_SIZE:
-        problems.append(f"tokenizer.vocab_size={config.vocab_size!r} must be an integer >= {MIN_VOCAB_SIZE}")
-    elif config.byte_fallback and isinstance(config.extra_special_tokens, list):
-        needed = 4 + _N_BYTE_PIECES + len(config.extra_special_tokens) + 1
-        if config.vocab_size < needed:
-            problems.append(
-                f"tokenizer.vocab_size={config.vocab_size} is too small for tokenizer.byte_fallback=true "
-                f"(4 specials + 256 byte pieces + {len(config.extra_special_tokens)} extra tokens); "
-                f"use at least {needed}"
-            )
-    if not isinstance(config.character_coverage, (int, float)) or not 0 < config.character_coverage <= 1:
-        problems.append(f"tokenizer.character_coverage={config.character_coverage!r} must be in (0, 1]")
-    if not isinstance(config.byte_fallback, bool):
-        problems.append(f"tokenizer.byte_fallback={config.byte_fallback!r} must be true or false")
-    for key in ("pad_piece", "unk_piece"):
-        piece = getattr(config, key)
-        if not isinstance(piece, str) or not piece or any(ch.isspace() for ch in piece):
-            problems.append(f"tokenizer.{key}={piece!r}: expected a non-empty string without whitespace")
-    reserved = {config.pad_piece, config.unk_piece, BOS_PIECE, EOS_PIECE}
-    problems.extend(_special_token_problems(config.extra_special_tokens, reserved))
-    if not isinstance(config.max_training_sentences, int) or config.max_training_sentences < 1:
-        problems.append(f"tokenizer.max_training_sentences={config.max_training_sentences!r} must be >= 1")
-    if not isinstance(config.num_threads, int) or config.num_threads < 0:
-        problems.append(f"tokenizer.num_threads={config.num_threads!r} must be >= 0 (0 = all CPUs)")
-    return problems
 
 
 def _special_token_problems(tokens: object, reserved: set[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""A BERT-style bidirectional encoder in one file: config, presets and model (masked LM + NSP heads).
+"""A BERT-style bidirectional encoder in one file: its config and the model (masked LM + NSP heads).
 
 With ``norm_first=False`` (the default) the layout, the order of operations and the init follow Hugging
 Face's ``BertForPreTraining`` (``hidden_act="gelu"``, i.e. exact erf GELU), so an exporter only has to
@@ -34,61 +34,56 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from lmexp.config.schema import between, positive
 from lmexp.errors import ConfigError
-from lmexp.models.config import ModelConfig
+from lmexp.models.config import ModelConfig, heads_problem
 from lmexp.models.layers import Block, init_weights
 
 INIT_STD = 0.02  # BERT's initializer_range
 GELU_APPROXIMATE = "none"  # Hugging Face's hidden_act="gelu" is the exact erf GELU
 
-# Named sizes; YAML configs carry the same numbers. Use with ``BERTConfig.from_preset``.
-BERT_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(n_layer=2, n_head=2, n_embd=128, max_seq_len=128),
-    "bert-base": dict(n_layer=12, n_head=12, n_embd=768, max_seq_len=512),
-}
-
 
 @dataclass
 class BERTConfig(ModelConfig):
-    """Architecture of a :class:`BERT`. Validated on construction; all problems are reported together."""
+    """Architecture of a :class:`BERT` (``conf/model/bert.yaml``). Validated on construction; all problems are
+    reported together."""
 
-    n_layer: int = 2
+    n_layer: int = positive(2)
     """Number of transformer blocks."""
-    n_head: int = 2
+    n_head: int = positive(2)
     """Attention heads per block; must divide ``n_embd``."""
-    n_embd: int = 128
+    n_embd: int = positive(128)
     """Model width (embedding and residual-stream size)."""
-    max_seq_len: int = 128
+    max_seq_len: int = positive(128)
     """Number of learned absolute position embeddings; ``data.block_size`` must not exceed it."""
-    type_vocab_size: int = 2
+    type_vocab_size: int = positive(2)
     """Number of segment ids (token types): 2 for sentence A / sentence B."""
-    vocab_size: int | None = None
+    vocab_size: int | None = positive(None)
     """Tokenizer vocabulary size. None means "the tokenizer's": the caller fills it in before ``build()``."""
-    pad_vocab_to_multiple: int = 64
-    """Embedding rows are padded up to a multiple of this for matmul efficiency (1 = no padding). Padded
-    ids never occur as inputs or targets; slice logits to ``[..., :vocab_size]`` before using them."""
-    dropout: float = 0.1
+    pad_vocab_to_multiple: int = positive(64)
+    """Embedding rows are padded up to a multiple of this for matmul efficiency (1 = no padding)."""
+    dropout: float = between(0.1, 0.0, 1.0, high_open=True)
     """Dropout on embeddings, attention probabilities and residual branches, in [0, 1)."""
     norm_first: bool = False
     """Pre-LN blocks plus a final LayerNorm if True; post-LN as the original BERT if False (needed for
     Hugging Face export parity)."""
-    layer_norm_eps: float = 1e-12
+    layer_norm_eps: float = positive(1e-12)
     """Epsilon of every LayerNorm (BERT uses 1e-12)."""
-    mlp_ratio: int = 4
+    mlp_ratio: int = positive(4)
     """MLP hidden width as a multiple of ``n_embd`` (BERT's intermediate_size = 4 * hidden_size)."""
     name: str = "bert"
     """Informational label for logs and run names."""
-    supported_tasks: ClassVar[tuple[str, ...]] = ("mlm",)
-    presets: ClassVar[dict[str, dict[str, Any]]] = BERT_PRESETS
+
+    def problems(self) -> list[str]:
+        return heads_problem(self.n_embd, self.n_head)
 
     def build(self) -> BERT:
         """Construct the model (on the current default device, e.g. inside ``with torch.device("meta")``)."""
-        self._require_vocab_size()
+        self.require_vocab_size()
         return BERT(self)
 
     def num_parameters(self) -> int:
@@ -231,10 +226,6 @@ class BERT(nn.Module):
             x = self.ln_f(x)  # (B, T, C)
         return x
 
-    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Pooled sentence vectors (B, C) from hidden states (B, T, C): dense + tanh over position 0."""
-        return self.pooler(hidden)  # (B, C)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -264,3 +255,28 @@ class BERT(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of distinct parameters (the tied decoder matrix counts once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ------------------------------------------------------------- the backbone contract (models/registry.py)
+    def token_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, C); padding (``attention_mask`` 0) is never attended to."""
+        return self.encode(input_ids, None, attention_mask)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Sentence vectors (B, C) from hidden states (B, T, C): the pre-trained pooler (dense + tanh) over
+        [CLS], position 0."""
+        return self.pooler(hidden)  # (B, C)
+
+    def drop_pretraining_heads(self, keep_pooler: bool) -> None:
+        """Remove the MLM and NSP heads (and the pooler unless ``keep_pooler``): a fine-tuned model never
+        calls them, DDP refuses parameters without gradients, and the HF classes a fine-tuned BERT exports
+        to lack them. The tied decoder matrix stays: it is the embedding."""
+        self.mlm_head = None
+        self.nsp_head = None
+        if not keep_pooler:
+            self.pooler = None
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one: the transformer blocks."""
+        return list(self.blocks)

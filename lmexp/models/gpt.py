@@ -1,4 +1,4 @@
-"""A GPT-2-style decoder-only language model in one file: config, presets and model.
+"""A GPT-2-style decoder-only language model in one file: its config and the model.
 
 Layout and parameter names follow Hugging Face's ``GPT2LMHeadModel`` one to one, so an exporter only has
 to rename (and transpose the Conv1D weights)::
@@ -14,62 +14,58 @@ Shape legend: B = batch, T = sequence length, C = n_embd, V = padded vocabulary 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from lmexp.config.schema import between, positive
 from lmexp.errors import ConfigError
-from lmexp.models.config import ModelConfig
+from lmexp.models.config import ModelConfig, heads_problem
 from lmexp.models.head_loss import HeadLoss, linear_cross_entropy
-from lmexp.models.layers import Block, KVCache, init_weights, scale_residual_projections
+from lmexp.models.layers import Block, KVCache, init_weights, last_token, scale_residual_projections
 
+Step = Callable[[torch.Tensor], torch.Tensor]  # new tokens (N, 1) -> their logits (N, V)
 INIT_STD = 0.02  # GPT-2's initializer_range
 MLP_RATIO = 4  # GPT-2's MLP width is 4 * n_embd; fixed so exported checkpoints load in HF
-
-# Named sizes; YAML configs carry the same numbers. Use with ``GPTConfig.from_preset``.
-GPT_PRESETS: dict[str, dict[str, Any]] = {
-    "nano": dict(n_layer=4, n_head=4, n_embd=128),
-    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, max_seq_len=1024),
-}
 
 
 @dataclass
 class GPTConfig(ModelConfig):
-    """Architecture of a :class:`GPT`. Validated on construction; all problems are reported together."""
+    """Architecture of a :class:`GPT` (``conf/model/gpt.yaml``). Validated on construction; all problems are
+    reported together."""
 
-    n_layer: int = 4
+    n_layer: int = positive(4)
     """Number of transformer blocks."""
-    n_head: int = 4
+    n_head: int = positive(4)
     """Attention heads per block; must divide ``n_embd``."""
-    n_embd: int = 128
+    n_embd: int = positive(128)
     """Model width (embedding and residual-stream size)."""
-    max_seq_len: int = 256
+    max_seq_len: int = positive(256)
     """Number of learned position embeddings; ``data.block_size`` must not exceed it."""
-    vocab_size: int | None = None
+    vocab_size: int | None = positive(None)
     """Tokenizer vocabulary size. None means "the tokenizer's": the caller fills it in before ``build()``."""
-    pad_vocab_to_multiple: int = 64
-    """Embedding rows are padded up to a multiple of this for matmul efficiency (1 = no padding). Padded
-    ids never occur as inputs or targets, so training pushes their logits down; slice logits to
-    ``[..., :vocab_size]`` before sampling."""
-    dropout: float = 0.0
+    pad_vocab_to_multiple: int = positive(64)
+    """Embedding rows are padded up to a multiple of this for matmul efficiency (1 = no padding)."""
+    dropout: float = between(0.0, 0.0, 1.0, high_open=True)
     """Dropout on embeddings, attention probabilities and residual branches, in [0, 1)."""
     bias: bool = True
     """Biases in Linear layers and LayerNorms (GPT-2 has them)."""
     tie_embeddings: bool = True
     """Share one matrix between the token embedding and the output layer (GPT-2 does)."""
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = positive(1e-5)
     """Epsilon of every LayerNorm."""
     name: str = "gpt"
     """Informational label for logs and run names."""
-    supported_tasks: ClassVar[tuple[str, ...]] = ("clm",)
-    presets: ClassVar[dict[str, dict[str, Any]]] = GPT_PRESETS
+
+    def problems(self) -> list[str]:
+        return heads_problem(self.n_embd, self.n_head)
 
     def build(self) -> GPT:
         """Construct the model (on the current default device, e.g. inside ``with torch.device("meta")``)."""
-        self._require_vocab_size()
+        self.require_vocab_size()
         return GPT(self)
 
     def num_parameters(self) -> int:
@@ -175,6 +171,32 @@ class GPT(nn.Module):
     def new_kv_caches(self) -> list[KVCache]:
         """Empty key/value caches, one per block, for incremental decoding."""
         return [KVCache() for _ in self.blocks]
+
+    # ------------------------------------------------------------- the backbone contract (models/registry.py)
+    def token_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, C); causal, so padding on the right never reaches a real position."""
+        return self.hidden_states(input_ids)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence vectors (B, C): the last real token's state, which has seen the whole text."""
+        return last_token(hidden, attention_mask)
+
+    def drop_pretraining_heads(self, keep_pooler: bool) -> None:
+        """Remove the LM head a fine-tuned model never calls (a tied head is the embedding and stays)."""
+        if not self.config.tie_embeddings:
+            self.lm_head = None
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one: the transformer blocks."""
+        return list(self.blocks)
+
+    def start_generation(self, prompt: torch.Tensor) -> tuple[torch.Tensor, Step]:
+        """Logits (N, V) after ``prompt`` (N, P), and a step that feeds new tokens (N, 1) through the KV
+        cache and returns their logits."""
+        caches = self.new_kv_caches()
+        return self(prompt, caches)[:, -1], lambda new: self(new, caches)[:, -1]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of distinct parameters (a tied matrix counts once)."""

@@ -1,4 +1,4 @@
-"""Transformer layers shared by the models: attention, MLP, block, weight init and optimizer groups.
+"""Transformer layers shared by the models: attention, MLP, block, weight init.
 
 The layers are written once for both decoder (GPT: causal, pre-LN) and encoder (BERT: bidirectional with a
 padding mask, post-LN) models. Parameter names (``qkv``, ``proj``, ``fc``, ``ln1``, ``ln2``) are kept short
@@ -239,38 +239,8 @@ def scale_residual_projections(model: nn.Module, n_layer: int, std: float = 0.02
     return count
 
 
-def decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weight decay only on the (>= 2-d) weights of ``nn.Linear`` layers.
-
-    Biases, norm weights and embeddings are not decayed: shrinking them towards zero does not regularise
-    anything useful and, for norms, fights their identity init. A parameter shared between an Embedding
-    and a Linear (a tied lm_head) counts as an embedding, and every parameter appears exactly once.
-    Frozen parameters (``requires_grad=False``) are left out.
-
-    Returns:
-        ``[{"name": "decay", "params": [...], "weight_decay": weight_decay},
-        {"name": "no_decay", "params": [...], "weight_decay": 0.0}]``; both groups are always present
-        (possibly empty) so callers can rely on the order and names.
-    """
-    linear_weights: set[int] = set()
-    embedding_weights: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.dim() >= 2:
-            linear_weights.add(id(module.weight))
-        elif isinstance(module, nn.Embedding):
-            embedding_weights.add(id(module.weight))
-
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    # named_parameters() yields a shared (tied) parameter only once.
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if id(param) in linear_weights and id(param) not in embedding_weights:
-            decay.append(param)
-        else:
-            no_decay.append(param)
-    return [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
+def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The state (B, C) of each row's last real token, from ``hidden`` (B, T, C) and a right-padded
+    ``attention_mask`` (B, T)."""
+    last = attention_mask.sum(dim=1) - 1  # (B,) index of the last real token
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, C)

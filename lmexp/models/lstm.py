@@ -10,18 +10,20 @@ Shape legend: B = batch, T = sequence length, E = n_embd, H = hidden_size, V = p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
 
 import torch
 from torch import nn
 
+from lmexp.config.schema import between, positive
 from lmexp.models.config import ModelConfig
 from lmexp.models.head_loss import HeadLoss, linear_cross_entropy
-from lmexp.models.layers import init_weights
+from lmexp.models.layers import init_weights, last_token
 
 LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (n_layer, B, H)
+Step = Callable[[torch.Tensor], torch.Tensor]  # new tokens (N, 1) -> their logits (N, V)
 INIT_STD = 0.02  # Linear layers (projection, untied head), as in the transformers
 # The tied embedding is both the LSTM's input and the output layer, which pull its scale apart: the LSTM's
 # default U(-1/sqrt(H), 1/sqrt(H)) weights want O(1) inputs (at 0.02 the gates barely see the tokens and a
@@ -34,30 +36,34 @@ FORGET_GATE_BIAS = 1.0  # start by remembering (Jozefowicz et al., 2015); other 
 
 @dataclass
 class LSTMConfig(ModelConfig):
-    """Architecture of an :class:`LSTMLM`. Validated on construction; all problems are reported together."""
+    """Architecture of an :class:`LSTMLM` (``conf/model/lstm.yaml``). Validated on construction; all problems
+    are reported together."""
 
-    n_layer: int = 2
+    n_layer: int = positive(2)
     """Number of stacked LSTM layers."""
-    n_embd: int = 128
+    n_embd: int = positive(128)
     """Token embedding size (the first LSTM layer's input size)."""
-    hidden_size: int = 256
+    hidden_size: int = positive(256)
     """Hidden (and cell) state size of every LSTM layer."""
-    vocab_size: int | None = None
+    vocab_size: int | None = positive(None)
     """Tokenizer vocabulary size. None means "the tokenizer's": the caller fills it in before ``build()``."""
-    pad_vocab_to_multiple: int = 64
-    """Embedding rows are padded up to a multiple of this for matmul efficiency (1 = no padding). Padded
-    ids never occur as inputs or targets; slice logits to ``[..., :vocab_size]`` before sampling."""
-    dropout: float = 0.1
+    pad_vocab_to_multiple: int = positive(64)
+    """Embedding rows are padded up to a multiple of this for matmul efficiency (1 = no padding)."""
+    dropout: float = between(0.1, 0.0, 1.0, high_open=True)
     """Dropout on the embeddings, between LSTM layers and before the head, in [0, 1)."""
     tie_embeddings: bool = True
     """Share one matrix between the token embedding and the output layer. When ``hidden_size != n_embd``
     a Linear projection hidden -> n_embd (no bias) precedes the tied head."""
-    max_seq_len: int | None = None
+    max_seq_len: int | None = positive(None)
     """Accepted for symmetry with the transformer configs (the run checks ``data.block_size`` against it);
     an LSTM has no position limit, so None means unlimited and the model never enforces it."""
     name: str = "lstm"
     """Informational label for logs and run names."""
-    supported_tasks: ClassVar[tuple[str, ...]] = ("clm",)
+
+    @property
+    def hidden_width(self) -> int:
+        """Width of the states the heads read: the LSTM's hidden size."""
+        return self.hidden_size
 
     @property
     def projects_hidden(self) -> bool:
@@ -66,7 +72,7 @@ class LSTMConfig(ModelConfig):
 
     def build(self) -> LSTMLM:
         """Construct the model (on the current default device, e.g. inside ``with torch.device("meta")``)."""
-        self._require_vocab_size()
+        self.require_vocab_size()
         return LSTMLM(self)
 
     def num_parameters(self) -> int:
@@ -171,3 +177,36 @@ class LSTMLM(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of distinct parameters (a tied matrix counts once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ------------------------------------------------------------- the backbone contract (models/registry.py)
+    def token_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The last LSTM layer's output (B, T, H); recurrent, so right padding never reaches a real
+        position."""
+        return self.hidden_states(input_ids)[0]
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence vectors (B, H): the output at the last real token."""
+        return last_token(hidden, attention_mask)
+
+    def drop_pretraining_heads(self, keep_pooler: bool) -> None:
+        """Remove the projection and the LM head, which a fine-tuned model never calls."""
+        self.proj = None
+        self.lm_head = None
+
+    def shard_units(self) -> list[nn.Module]:
+        """No sub-module is sharded on its own: FSDP treats the whole (small) model as one unit."""
+        return []
+
+    def start_generation(self, prompt: torch.Tensor) -> tuple[torch.Tensor, Step]:
+        """Logits (N, V) after ``prompt`` (N, P), and a step that feeds new tokens (N, 1), carrying the
+        recurrent state, and returns their logits."""
+        logits, state = self.forward_with_state(prompt)
+        carried = [state]
+
+        def step(new: torch.Tensor) -> torch.Tensor:
+            logits, carried[0] = self.forward_with_state(new, carried[0])
+            return logits[:, -1]  # (N, V)
+
+        return logits[:, -1], step

@@ -1,14 +1,16 @@
 """Sequence classification as a LightningModule: a pre-trained (or fresh) model plus a classification head.
 
-The sentence vector is the pooled ``[CLS]`` for BERT (its pre-trained pooler, as in Hugging Face's
-``BertForSequenceClassification``), the last non-pad token's final hidden state for GPT, and the last
-non-pad LSTM output for the LSTM. Metrics (torchmetrics, synced across ranks): ``loss``, ``acc``, and
-macro ``f1``, ``precision``, ``recall``; on the test split also the F1 of every label, ``f1/<label>``.
+The sentence vector is the model's ``pool`` (lmexp/models/registry.py): the pooled ``[CLS]`` for BERT (its
+pre-trained pooler, as in Hugging Face's ``BertForSequenceClassification``), the last non-pad token's final
+hidden state for GPT, and the last non-pad LSTM output for the LSTM. Metrics (torchmetrics, synced across
+ranks): ``loss``, ``acc``, and macro ``f1``, ``precision``, ``recall``; on the test split also the F1 of
+every label, ``f1/<label>``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,47 +23,20 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from lmexp.metrics import IGNORE_INDEX
-from lmexp.models.bert import BERT
-from lmexp.models.gpt import GPT
-from lmexp.models.lstm import LSTMLM
-from lmexp.tasks.language_model import CausalLMTask
-
-FINE_TUNING_MODELS = ("GPTConfig", "BERTConfig", "LSTMConfig")  # config classes a fine-tuning task accepts
+from lmexp.config.schema import between
+from lmexp.errors import CheckpointError
+from lmexp.tasks.base import Task, TaskConfig, TaskInputs
+from lmexp.tasks.metrics import IGNORE_INDEX
 
 
-def hidden_width(backbone: nn.Module) -> int:
-    """Width of the hidden states the heads read."""
-    config = backbone.config
-    return config.hidden_size if isinstance(backbone, LSTMLM) else config.n_embd
+@dataclass
+class ClassifyConfig(TaskConfig):
+    """``conf/task/classify.yaml``: one label per text, from a fresh head on the model's sentence vector."""
 
+    task_class: ClassVar[str] = "lmexp.tasks.classify.SequenceClassificationTask"
 
-def token_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states (B, T, C) of any backbone; padding (on the right) never reaches real positions."""
-    if isinstance(backbone, BERT):
-        return backbone.encode(input_ids, None, attention_mask)  # (B, T, C)
-    if isinstance(backbone, GPT):
-        return backbone.hidden_states(input_ids)  # (B, T, C): causal, so right padding is never seen
-    hidden, _ = backbone.hidden_states(input_ids)  # (B, T, H)
-    return hidden
-
-
-def drop_unused_heads(backbone: nn.Module, keep_pooler: bool) -> None:
-    """Remove the pre-training heads a fine-tuned model never calls.
-
-    Parameters without gradients would stop DDP (unused parameters), and the Hugging Face classes a
-    fine-tuned BERT exports to have no such heads. Tied matrices stay: they are the embedding.
-    """
-    if isinstance(backbone, BERT):
-        backbone.mlm_head = None
-        backbone.nsp_head = None
-        if not keep_pooler:
-            backbone.pooler = None
-    elif isinstance(backbone, LSTMLM):
-        backbone.proj = None
-        backbone.lm_head = None
-    elif isinstance(backbone, GPT) and not backbone.config.tie_embeddings:
-        backbone.lm_head = None
+    classifier_dropout: float = between(0.1, 0.0, 1.0, high_open=True)
+    """Dropout before the classification head, in [0, 1)."""
 
 
 def new_head(width: int, n_labels: int) -> nn.Linear:
@@ -77,18 +52,14 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, n_labels: int, dropout: float) -> None:
         super().__init__()
-        drop_unused_heads(backbone, keep_pooler=True)
+        backbone.drop_pretraining_heads(keep_pooler=True)
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
-        self.classifier = new_head(hidden_width(backbone), n_labels)
+        self.classifier = new_head(backbone.config.hidden_width, n_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = token_states(self.backbone, input_ids, attention_mask)  # (B, T, C)
-        if isinstance(self.backbone, BERT):
-            pooled = self.backbone.pool(hidden)  # (B, C): dense + tanh over [CLS]
-        else:
-            last = attention_mask.sum(dim=1) - 1  # (B,) index of the last real token
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, C)
+        hidden = self.backbone.token_states(input_ids, attention_mask)  # (B, T, C)
+        pooled = self.backbone.pool(hidden, attention_mask)  # (B, C)
         return self.classifier(self.dropout(pooled))  # (B, K)
 
 
@@ -135,44 +106,36 @@ class ClassificationMetrics(nn.Module):
             self.per_label.reset()
 
 
-class SequenceClassificationTask(CausalLMTask):
+class SequenceClassificationTask(Task):
     """Fine-tunes ``model`` with a fresh head to predict one label per text.
 
-    Args (beyond :class:`CausalLMTask`'s):
+    Args (beyond :class:`Task`'s):
         labels: the label names, in class-id order (read from the training split by the data module).
-        classifier_dropout: dropout before the head.
     """
 
-    task_name = "classify"
+    name = "classify"
     data_format = "classify"
+    fine_tuning = True
     special_tokens = ("[CLS]", "[SEP]")
-    supported_models = FINE_TUNING_MODELS
+    data_hint = "reads labelled examples: add data=jsonl with data.train_path and data.val_path"
 
-    def __init__(self, *args: Any, labels: list[str], classifier_dropout: float = 0.1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, labels: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.labels = list(labels)
-        self.model = self.build_head(self.model, classifier_dropout)
+        self.model = self.build_head(self.model, self.config.classifier_dropout)
         self.train_metrics = ClassificationMetrics(self.labels)
         self.val_metrics = ClassificationMetrics(self.labels)
         self.test_metrics = ClassificationMetrics(self.labels, per_label=True)
         self.predictions: list[tuple[int, Any]] | None = None  # set to [] to collect test predictions
 
+    @classmethod
+    def build(cls, config: TaskConfig, model: torch.nn.Module, inputs: TaskInputs, **kwargs: Any) -> Task:
+        return cls(model, config, labels=list(inputs.labels or []), **kwargs)
+
     def build_head(self, backbone: nn.Module, dropout: float) -> nn.Module:
         return SequenceClassifier(backbone, len(self.labels), dropout)
 
-    @classmethod
-    def check_settings(cls, cfg: Any) -> list[str]:
-        dropout = cfg.task.get("classifier_dropout", 0.1)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            return [f"task.classifier_dropout={dropout!r}: expected a number in [0, 1)"]
-        return []
-
-    @classmethod
-    def data_kwargs(cls, datamodule: Any) -> dict[str, Any]:
-        """Constructor arguments that come from the data: the label set."""
-        return {"labels": list(datamodule.labels)}
-
-    def load_backbone(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_pretrained(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load pre-trained weights (a pre-training or fine-tuning checkpoint's) into the backbone.
 
         Heads the checkpoint has and this model does not (LM, NSP, an earlier classifier) are skipped;
@@ -186,8 +149,6 @@ class SequenceClassificationTask(CausalLMTask):
         own = backbone.state_dict()
         missing = sorted(set(own) - set(weights))
         if missing:
-            from lmexp.errors import CheckpointError
-
             raise CheckpointError(f"init_from: the checkpoint lacks backbone weights {missing[:3]}")
         backbone.load_state_dict({k: weights[k] for k in own})
 
@@ -196,6 +157,8 @@ class SequenceClassificationTask(CausalLMTask):
         logits = self.model(batch["input_ids"], batch["attention_mask"])  # (B, K) or (B, T, K)
         labels = batch["labels"]
         loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        if self.is_padding(batch):
+            return loss
         preds = logits.argmax(dim=-1)
         getattr(self, f"{split}_metrics").update(preds.detach(), labels, loss.detach())
         if split == "test" and self.predictions is not None:

@@ -94,6 +94,7 @@ def test_finite_grammar_entropy_is_exact() -> None:
     assert pcfg.symbol_entropy_bits()["S"] == pytest.approx(entropy, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_recursive_grammar_entropy_matches_brute_force() -> None:
     pcfg = PCFG(
         {
@@ -184,6 +185,7 @@ def default_grammar() -> Grammar:
     return build_grammar(GrammarConfig())
 
 
+@pytest.mark.slow
 def test_mini_sentences_are_unambiguous(mini: Grammar) -> None:
     # Pool both topics (uniform): the text must reveal the topic as well as the derivation.
     for topic, pcfg in enumerate(mini.topic_pcfgs):
@@ -223,6 +225,7 @@ def render_document(grammar: Grammar, words: Sequence[str]) -> str:
     return " ".join(sentences)
 
 
+@pytest.mark.slow
 def test_mini_document_floor_matches_brute_force(doc_mini: Grammar) -> None:
     g = doc_mini
     pcfg = document_pcfg(g)

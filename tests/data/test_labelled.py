@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmexp.data.labelled import LabelledData, PadCollator, align_word_labels, read_records
+from lmexp.data.context import DataContext
+from lmexp.data.labelled import LabelledDataConfig, PadCollator, align_word_labels, read_records
 from lmexp.data.packing import IGNORE_INDEX
 from lmexp.data.tokenizer import TokenizerConfig
 from lmexp.errors import ConfigError, DataError
@@ -66,17 +67,14 @@ def test_first_sub_token_carries_the_label():
     assert align_word_labels([[]], [4], budget=3, unk_id=1) == ([1], [4])  # an empty word becomes unk
 
 
-def make_data(tmp_path, kind, train_rows, val_rows, **kwargs):
-    return LabelledData(
+def make_data(tmp_path, kind, train_rows, val_rows, layout="eos", vocab_size=300, **settings):
+    config = LabelledDataConfig(
         train_path=str(jsonl(tmp_path / "train.jsonl", train_rows)),
         val_path=str(jsonl(tmp_path / "val.jsonl", val_rows)),
-        tokenizer=TokenizerConfig(
-            vocab_size=kwargs.pop("vocab_size", 300), extra_special_tokens=["[CLS]", "[SEP]"]
-        ),
-        cache_dir=tmp_path / "cache",
-        example_format=kind,
-        **kwargs,
+        **settings,
     )
+    tokenizer = TokenizerConfig(vocab_size=vocab_size, extra_special_tokens=["[CLS]", "[SEP]"])
+    return config.build(DataContext(tokenizer, tmp_path / "cache", example_format=kind, layout=layout))
 
 
 def test_ner_examples_are_aligned_with_the_tokenizer(tmp_path):
@@ -112,7 +110,8 @@ def test_label_set_and_split_errors(tmp_path):
         make_data(tmp_path, "classify", rows, [{"text": "c", "label": "z"}]).prepare()
     with pytest.raises(DataError, match=r"data.val_path: .*val.jsonl has no examples"):
         make_data(tmp_path, "classify", rows, []).prepare()
+    context = DataContext(TokenizerConfig(), tmp_path, example_format="classify")
     with pytest.raises(ConfigError, match="data.val_path is not set"):
-        LabelledData(train_path="t.jsonl", example_format="classify")
+        LabelledDataConfig(train_path="t.jsonl").build(context)
     with pytest.raises(ConfigError, match="use it with task=ner"):
-        LabelledData(format="conll", train_path="a", val_path="b", example_format="classify")
+        LabelledDataConfig(format="conll", train_path="a", val_path="b").build(context)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from lmexp.data.masking import MaskingConfig, MLMCollator, mask_tokens
+from lmexp.data.masking import mask_tokens
 from lmexp.errors import ConfigError
+from lmexp.tasks.mlm import MLMConfig as MaskingConfig  # the masking recipe is the task config's
 
 PAD, CLS, SEP, MASK = 0, 5, 6, 4
 SPECIAL_IDS = [0, 1, 2, 3, CLS, SEP, MASK]
@@ -160,85 +158,3 @@ def test_config_boundaries_accepted() -> None:
     MaskingConfig(mask_rate=0.5, replace_mask=1.0, replace_random=0.0)
     MaskingConfig(mask_rate=0.01, replace_mask=0.0, replace_random=1.0)
     MaskingConfig(mask_rate=0.15, replace_mask=0.7, replace_random=0.3)
-
-
-class _Examples(torch.utils.data.Dataset):
-    """Pair-shaped examples: ``[CLS] tokens [SEP] tokens [SEP] pad ...`` with NSP labels."""
-
-    def __init__(self, n: int = 64, length: int = 32, identical: bool = False) -> None:
-        ids, _ = make_batch(n, length, seed=3)
-        self.ids = ids[:1].repeat(n, 1) if identical else ids
-        self.mask = (ids != PAD).long()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.ids[i],
-            "token_type_ids": torch.zeros_like(self.ids[i]),
-            "attention_mask": self.mask[i],
-            "nsp_label": torch.tensor(i % 2),
-        }
-
-
-def make_collator(seed: int = 0) -> MLMCollator:
-    return MLMCollator([PAD, 1, 2, 3, CLS, SEP], MASK, ORIGINAL_HIGH, MaskingConfig(mask_rate=0.3), seed=seed)
-
-
-def test_collator_stacks_and_masks() -> None:
-    data = _Examples()
-    collator = make_collator()
-    batch = collator([data[i] for i in range(8)])
-    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "nsp_label", "labels"}
-    assert batch["nsp_label"].tolist() == [i % 2 for i in range(8)]
-    original = data.ids[:8]
-    selected = batch["labels"] != -100
-    assert torch.equal(batch["labels"][selected], original[selected])
-    assert not (selected & (batch["attention_mask"] == 0)).any()
-    never = torch.isin(original, torch.tensor(SPECIAL_IDS))  # mask_id counts as special too
-    assert not (selected & never).any()
-    random_positions = selected & (batch["input_ids"] != MASK) & (batch["input_ids"] != original)
-    assert not torch.isin(batch["input_ids"][random_positions], torch.tensor(SPECIAL_IDS)).any()
-    assert (batch["input_ids"] < ORIGINAL_HIGH).all()  # random ids stay inside the vocabulary
-
-
-def test_collator_seeded_and_dynamic() -> None:
-    data = _Examples()
-    examples = [data[i] for i in range(16)]
-    a, b = make_collator(seed=1), make_collator(seed=1)
-    first = a(examples)["labels"]
-    assert torch.equal(first, b(examples)["labels"])
-    assert not torch.equal(first, a(examples)["labels"])  # the next epoch masks anew
-    assert not torch.equal(first, make_collator(seed=2)(examples)["labels"])
-    restored = pickle.loads(pickle.dumps(make_collator(seed=1)))
-    assert torch.equal(first, restored(examples)["labels"])
-
-
-def test_collator_rejects_bad_ids() -> None:
-    with pytest.raises(ValueError, match="outside"):
-        MLMCollator([PAD, 2000], MASK, ORIGINAL_HIGH, MaskingConfig())
-    with pytest.raises(ValueError, match="special"):
-        MLMCollator(range(9), MASK, 8, MaskingConfig())
-
-
-def _epoch_labels(loader: DataLoader) -> torch.Tensor:
-    return torch.cat([batch["labels"] for batch in loader])
-
-
-def test_collator_in_workers_reproducible_and_new_each_epoch() -> None:
-    def loader() -> DataLoader:
-        return DataLoader(
-            _Examples(identical=True),
-            batch_size=8,
-            num_workers=2,
-            collate_fn=make_collator(seed=5),
-            generator=torch.Generator().manual_seed(11),
-        )
-
-    first = loader()
-    epoch_1, epoch_2 = _epoch_labels(first), _epoch_labels(first)
-    assert not torch.equal(epoch_1, epoch_2)
-    assert torch.equal(epoch_1, _epoch_labels(loader()))
-    # Rows are identical, and batches 0 and 1 come from different workers, which must not mask alike.
-    assert not torch.equal(epoch_1[:8], epoch_1[8:16])

@@ -197,6 +197,7 @@ def _train_in_subprocess(cache_dir: str) -> str:
     return str(tokenizer.path)
 
 
+@pytest.mark.slow
 def test_concurrent_builders_share_one_model(tmp_path: Path) -> None:
     # spawn, not fork: a forked child of a process that may hold torch's threads can deadlock
     with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:

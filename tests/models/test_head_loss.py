@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmexp.models import GPTConfig, LSTMConfig
+from lmexp.models.gpt import GPTConfig
 from lmexp.models.head_loss import IGNORE_INDEX, linear_cross_entropy
+from lmexp.models.lstm import LSTMConfig
 
 
 def _inputs(bias: bool, n: int = 53, c: int = 16, v: int = 40, seed: int = 0):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 from hydra.core.hydra_config import HydraConfig
-from slurm_cluster import ClusterUnavailable, start_cluster
-from sweep_helpers import lmexp_env
+
+from tests.sweeps.slurm_cluster import ClusterUnavailable, start_cluster
+from tests.sweeps.sweep_helpers import lmexp_env
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,17 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lmexp.cli import config_dir
+from lmexp.cli import run_command
+from lmexp.config.compose import config_dir
 from lmexp.errors import ConfigError
-from lmexp.perf import flops_per_token
-from lmexp.plan import main, plan
+from lmexp.sweeps.plan import main, plan
+from lmexp.training.perf import flops_per_token
 
 
+@pytest.mark.slow
 def test_plan_names_every_bad_point_and_exits_non_zero(capsys):
-    with pytest.raises(SystemExit) as stop:
-        main(["-m", "+sweep=gpt_lr_width", "model.n_head=4,3", "optim.lr=1e-3"])
+    with pytest.raises(SystemExit) as stop:  # as python -m lmexp.plan runs it
+        run_command(lambda: main(["-m", "+sweep=gpt_lr_width", "model.n_head=4,3", "optim.lr=1e-3"]))
     assert stop.value.code == 2
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
@@ -28,6 +30,7 @@ def test_plan_names_every_bad_point_and_exits_non_zero(capsys):
     assert out.count(" ok ") == 3  # the valid points still get their row
 
 
+@pytest.mark.slow
 def test_plan_figures_come_from_the_model_it_would_train():
     from lmexp.models.gpt import GPTConfig
 
@@ -47,6 +50,7 @@ def test_plan_figures_come_from_the_model_it_would_train():
     assert points[1].memory["total"] > points[0].memory["total"]
 
 
+@pytest.mark.slow
 def test_bf16_mixed_and_fsdp_change_the_memory_per_device():
     [plain] = plan(["model.n_embd=64"])
     [sharded] = plan(["model.n_embd=64", "trainer=fsdp", "trainer.devices=4"])
@@ -56,6 +60,7 @@ def test_bf16_mixed_and_fsdp_change_the_memory_per_device():
 
 
 # bert_optuna is checked at the corners of its search space; two of its axes are pinned to keep this short.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -70,6 +75,7 @@ def test_the_ready_sweeps_are_valid_as_written(args, capsys):
     assert f"plan: all {len(points)} points are valid" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_fine_tuning_sweep_asks_for_its_data():
     with pytest.raises(ConfigError, match="data.train_path is not set") as error:
         plan(["-m", "+sweep=finetune_lr_seed"])

@@ -3,9 +3,12 @@ offline is the report it would save: the sweep's group, the objective and one pa
 
 from __future__ import annotations
 
-from lmexp.report import build_wandb_report
+import pytest
+
+from lmexp.sweeps.report import build_wandb_report
 
 
+@pytest.mark.slow
 def test_the_wandb_report_shows_the_sweeps_group_and_parameters():
     report = build_wandb_report("gpt_lr_width", "lmexp", "team", "val/loss", ["optim.lr", "model.n_embd"])
     assert (report.project, report.entity, report.title) == ("lmexp", "team", "Sweep gpt_lr_width")

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY
 
 MAX_STEPS = 150
@@ -47,6 +49,7 @@ def _wait(condition, timeout: float, what: str, cluster) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm_cluster, workdir, env):
     script = workdir / "train.sbatch"
     script.write_text(_batch_script(workdir))

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from sweep_helpers import records, run_lmexp, sweep_args
 
 from tests.conftest import wandb_records
+from tests.sweeps.sweep_helpers import records, run_lmexp, sweep_args
 
 # debug=fast makes the model 32 wide: 3 heads do not divide it, so the middle point is a bad config.
 GRID = ("model.n_head=1,3,2",)
@@ -22,6 +22,7 @@ def grid(workdir: Path, env: dict[str, str]):
     return result, workdir / "out" / "multirun" / "grid"
 
 
+@pytest.mark.slow
 def test_a_bad_point_fails_alone_and_the_summary_lists_every_point(grid):
     result, sweep_dir = grid
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,6 +51,7 @@ def point_wandb_records(run_dir: Path) -> list[dict]:
     return wandb_records(runs[0])
 
 
+@pytest.mark.slow
 def test_each_point_is_its_own_wandb_run_in_the_sweep_group(grid):
     _, sweep_dir = grid
     run_ids = set()
@@ -65,6 +67,7 @@ def test_each_point_is_its_own_wandb_run_in_the_sweep_group(grid):
     assert len(run_ids) == 2  # finished between points: the second point did not reuse the first run
 
 
+@pytest.mark.slow
 def test_rerunning_the_sweep_skips_finished_points(grid, workdir: Path, env: dict[str, str]):
     _, sweep_dir = grid
     before = {n: (sweep_dir / str(n) / "metrics.json").stat().st_mtime_ns for n in (0, 2)}
@@ -77,8 +80,9 @@ def test_rerunning_the_sweep_skips_finished_points(grid, workdir: Path, env: dic
     assert "1 skipped" not in again.stdout and "2 skipped, 1 failed" in again.stdout
 
 
+@pytest.mark.slow
 def test_the_report_holds_every_point_and_draws_the_plots(grid, capsys):
-    from lmexp.report import main
+    from lmexp.sweeps.report import main
 
     _, sweep_dir = grid
     points = records(sweep_dir)

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from sweep_helpers import records, run_lmexp, sweep_args
+
+from tests.sweeps.sweep_helpers import records, run_lmexp, sweep_args
 
 # The search space of sweeps/bert_optuna.yaml as written; only its length and the run size are cut.
 TRIALS = (

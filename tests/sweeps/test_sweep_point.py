@@ -2,7 +2,7 @@
 and the resumable Optuna study.
 
 The training itself is replaced by small task functions here (the end-to-end runs are in
-test_sweep_grid.py); what is tested is the real point logic of lmexp.sweep around them.
+test_sweep_grid.py); what is tested is the real point logic of lmexp.sweeps around them.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lmexp.cli import compose_job
+from lmexp.config.compose import compose_job
 from lmexp.errors import ConfigError
-from lmexp.loggers import run_identity
-from lmexp.sweep import SweepCallback, read_record, run_point, sweep_point, write_record
+from lmexp.sweeps.point import read_record, run_point, sweep_point, write_record
+from lmexp.sweeps.summary import SweepCallback
+from lmexp.training.loggers import run_identity
 
 
 def point_config(

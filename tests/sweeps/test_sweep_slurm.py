@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sweep_helpers import records, run_lmexp, sweep_args
+import pytest
+
+from tests.sweeps.sweep_helpers import records, run_lmexp, sweep_args
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_as_slurm_jobs(slurm_cluster, workdir: Path, env: dict[str, str]):
     args = sweep_args(
         workdir / "out",

@@ -120,7 +120,7 @@ def pretrained_checkpoint(model: str, root: Path, cache_dir: Path) -> Path:
 
 def compose_tool(name: str, run_dir: Path, cache_dir: Path, *overrides: str) -> DictConfig:
     """Compose ``conf/<name>.yaml`` (eval, generate, export) as its command would, into ``run_dir``."""
-    from lmexp.cli import compose_job
+    from lmexp.config.compose import compose_job
 
     return compose_job([f"paths.cache_dir={cache_dir}", *overrides], run_dir, config_name=name)
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from tasks.helpers import finetune, pretrained_checkpoint, write_jsonl
 
 from lmexp.errors import CheckpointError, ConfigError, DataError
 from lmexp.tasks.classify import ClassificationMetrics
 from lmexp.train import train
+from tests.tasks.helpers import finetune, pretrained_checkpoint, write_jsonl
 
 CLASSIFY_KEYS = {"val/loss", "val/acc", "val/f1", "val/precision", "val/recall", "test/acc", "test/f1"}
 
@@ -40,6 +40,7 @@ def test_metrics_match_hand_counts():
     assert values["loss"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_gpt_fine_tuning_beats_chance(pretrained, tmp_path, cache_dir):
     # init_from takes a run dir: its checkpoints/last.ckpt
     run_dir = finetune(pretrained("gpt").parent.parent, "classify", tmp_path, cache_dir)
@@ -55,21 +56,21 @@ def test_gpt_fine_tuning_beats_chance(pretrained, tmp_path, cache_dir):
     assert torch.equal(checkpoint["lmexp"]["tokenizer_model"], pre["tokenizer_model"])
 
 
+@pytest.mark.slow
 def test_bert_fine_tuning_beats_chance(pretrained, tmp_path, cache_dir):
     run_dir = finetune(pretrained("bert"), "classify", tmp_path, cache_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val/acc"] > 0.55 and metrics["test/acc"] > 0.55
 
 
+@pytest.mark.slow
 def test_pretrained_weights_are_loaded(pretrained, config, cache_dir):
-    from lmexp.builders import build_datamodule, build_task, check_config
+    from lmexp.training.build import build_run
 
     ckpt = pretrained("bert")
-    cfg = config("task=classify", "data=jsonl", f"init_from={ckpt}", *_splits(config, cache_dir))
-    check_config(cfg)
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare()
-    task = build_task(cfg, datamodule)
+    _, _, task = build_run(
+        config("task=classify", "data=jsonl", f"init_from={ckpt}", *_splits(config, cache_dir))
+    )
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     backbone = task.model.backbone.state_dict()
     assert torch.equal(backbone["blocks.0.attn.qkv.weight"], state["model.blocks.0.attn.qkv.weight"])
@@ -78,11 +79,12 @@ def test_pretrained_weights_are_loaded(pretrained, config, cache_dir):
 
 
 def _splits(config, cache_dir):
-    from tasks.helpers import labelled_splits
+    from tests.tasks.helpers import labelled_splits
 
     return labelled_splits(cache_dir.parent / "classify-data", "classify", (64, 16, 16))
 
 
+@pytest.mark.slow
 def test_from_scratch_trains_a_tokenizer(tmp_path, cache_dir):
     run_dir = finetune(
         None, "classify", tmp_path, cache_dir, "tokenizer.vocab_size=300", "trainer.max_steps=4"
@@ -91,6 +93,7 @@ def test_from_scratch_trains_a_tokenizer(tmp_path, cache_dir):
     assert CLASSIFY_KEYS <= set(metrics)
 
 
+@pytest.mark.slow
 def test_bad_init_from_and_data(pretrained, config, tmp_path, cache_dir):
     splits = _splits(config, cache_dir)
     with pytest.raises(ConfigError, match="reads labelled examples: add data=jsonl"):
@@ -122,6 +125,7 @@ def test_bad_init_from_and_data(pretrained, config, tmp_path, cache_dir):
         train(config("task=classify", "data=jsonl", f"init_from={pretrained('gpt')}", *paths))
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(cli, tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"text": "a", "label": "x"}\n{"text": "b" "label": "y"}\n')

@@ -1,0 +1,178 @@
+"""``python -m lmexp.eval ckpt_path=<.ckpt>``: evaluate a checkpoint on a test split, with predictions.
+
+Writes into its run dir ``metrics.json`` (``test/...`` keys) and ``predictions.jsonl``:
+
+- ``task=classify``: one row per example, ``{"text", "label", "pred"}``;
+- ``task=ner``: one row per sentence, ``{"tokens", "tags", "pred"}`` with one predicted tag per word
+  (``null`` for words past ``data.block_size`` sub-tokens, which are not predicted and not scored);
+- ``task=clm`` (gpt, lstm): one row per document, ``{"n_tokens", "nll", "n_correct", "n_words"}``. Each
+  document is scored on its own from its start (``[eos] doc``, predicting every token and the closing
+  eos, in windows of ``data.block_size``), so ``test/loss`` = sum of ``nll`` / sum of ``n_tokens``.
+
+Every metric can be recomputed from predictions.jsonl. Data keys override the checkpoint's, e.g.
+``data.test_path=other.jsonl``. Heavy imports happen inside the functions, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmexp.errors import ConfigError
+from lmexp.inference.restore import RestoredRun, require, restore_run
+
+
+def _data_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The command line's non-null ``data.*`` values (they replace the checkpoint's)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
+
+
+# ------------------------------------------------------------------------------------- labelled
+def evaluate_labelled(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
+    """Test metrics of a classify/ner checkpoint (Lightning test loop) and one prediction row per example."""
+    import lightning.pytorch as pl
+
+    from lmexp.data.context import DataContext
+    from lmexp.training.run import quiet_lightning
+
+    quiet_lightning()
+    data = run.group("data", **_data_overrides(cfg))
+    if not data.test_path:
+        raise ConfigError("data.test_path is not set: expected the labelled file to evaluate on")
+    data.train_path = data.val_path = None
+    context = DataContext(
+        tokenizer=run.group("tokenizer"),
+        cache_dir=Path(str(cfg.paths.cache_dir)).expanduser(),
+        example_format=run.task.data_format,
+        layout=run.model_spec.layout,
+        tokenizer_model=run.tokenizer.path.read_bytes(),
+        labels=run.labels,
+    )
+    datamodule = data.build(context)
+    trainer = pl.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=cfg.trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    run.task.predictions = []
+    results = trainer.test(run.task, datamodule=datamodule, verbose=False)[0]
+    metrics = {key: float(value) for key, value in results.items() if key.startswith("test/")}
+    return dict(sorted(metrics.items())), _labelled_rows(run, datamodule)
+
+
+def _labelled_rows(run: RestoredRun, datamodule: Any) -> list[dict]:
+    labels = run.labels
+    records = datamodule.records["test"]
+    predicted = dict(run.task.predictions)
+    rows = []
+    for index, record in enumerate(records):
+        if run.task.name == "classify":
+            rows.append({"text": record.text, "label": record.label, "pred": labels[predicted[index]]})
+        else:
+            tags = [labels[i] for i in predicted[index]]
+            pred = tags + [None] * (len(record.tokens) - len(tags))
+            rows.append({"tokens": record.tokens, "tags": record.tags, "pred": pred})
+    return rows
+
+
+# ------------------------------------------------------------------------------------ language model
+def evaluate_language_model(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
+    """Per-document NLL of a causal LM on the test split, and the metrics summed from those rows."""
+    import torch
+
+    documents = _test_documents(run, cfg)
+    tokenizer, model = run.tokenizer, run.task.model
+    block_size = run.group("data", **_data_overrides(cfg)).block_size
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    rows = []
+    for document, ids in zip(documents, tokenizer.encode(documents), strict=True):
+        stream = torch.tensor([tokenizer.eos_id, *ids, tokenizer.eos_id], device=device)  # (n + 2,)
+        nll, correct = _score_stream(model, stream, block_size, tokenizer.vocab_size)
+        rows.append(
+            {"n_tokens": len(ids) + 1, "nll": nll, "n_correct": correct, "n_words": len(document.split())}
+        )
+    return language_model_metrics(rows), rows
+
+
+def _test_documents(run: RestoredRun, cfg: DictConfig) -> list[str]:
+    from lmexp.data.context import DataContext
+    from lmexp.data.text import read_documents, resolve_paths
+
+    data = run.group("data", **_data_overrides(cfg))
+    if data.source == "text" and cfg.data.get("test_path"):
+        paths = resolve_paths(data.test_path, "data.test_path")
+        return read_documents(paths, "data.test_path", data.text_field)
+    context = DataContext(run.group("tokenizer"), Path(str(cfg.paths.cache_dir)).expanduser())
+    # The documents only: the checkpoint brings its own tokenizer, so none is trained or loaded here.
+    documents, _ = data.build(context).documents_by_split()
+    if "test" not in documents:
+        raise ConfigError("the checkpoint's data has no test split; set data.test_path=<file>")
+    return documents["test"]
+
+
+def _score_stream(model: Any, stream: Any, block_size: int, vocab_size: int) -> tuple[float, int]:
+    """Summed NLL (nats) and correct argmax predictions of ``stream[1:]`` given what precedes it."""
+    import torch
+    import torch.nn.functional as F
+
+    nll, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(stream) - 1, block_size):
+            window = stream[start : start + block_size + 1]  # (t + 1,): inputs and their next tokens
+            logits = model(window[None, :-1])[0].float()  # (t, V')
+            targets = window[1:]  # (t,)
+            nll += float(F.cross_entropy(logits, targets, reduction="sum"))
+            correct += int((logits[:, :vocab_size].argmax(dim=-1) == targets).sum())
+    return nll, correct
+
+
+def language_model_metrics(rows: list[dict]) -> dict[str, float]:
+    """``test/loss``, ``ppl``, ``acc`` and ``bpw`` from per-document rows (sums, then ratios)."""
+    nll = sum(row["nll"] for row in rows)
+    tokens = sum(row["n_tokens"] for row in rows)
+    words = sum(row["n_words"] for row in rows)
+    loss = nll / tokens
+    metrics = {
+        "test/loss": loss,
+        "test/ppl": math.exp(loss),
+        "test/acc": sum(row["n_correct"] for row in rows) / tokens,
+    }
+    if words:
+        metrics["test/bpw"] = nll / math.log(2) / words
+    return dict(sorted(metrics.items()))
+
+
+# ------------------------------------------------------------------------------------------- main
+# How each task's checkpoint is scored: test metrics and one predictions.jsonl row per example.
+EVALUATORS = {"clm": evaluate_language_model, "classify": evaluate_labelled, "ner": evaluate_labelled}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate ``cfg.ckpt_path``; write metrics.json and predictions.jsonl into the run dir."""
+    from lmexp.cache import atomic_write_json, atomic_write_text
+
+    require(cfg, ckpt_path="a checkpoint, e.g. ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt")
+    run = restore_run(cfg.ckpt_path, cfg.paths.cache_dir)
+    evaluator = EVALUATORS.get(run.task_name)
+    if evaluator is None:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: eval scores task={', '.join(EVALUATORS)} checkpoints; this one is "
+            f"task={run.task_name} (export it to Hugging Face with python -m lmexp.export)"
+        )
+    metrics, rows = evaluator(run, cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    for key, value in metrics.items():
+        print(f"{key:<24} {value:.6g}")
+    print(f"run dir: {run_dir}  (metrics.json, predictions.jsonl: {len(rows)} rows)")
+    return metrics

@@ -1,0 +1,90 @@
+"""The model kinds lmexp trains, and the contract between a model and the tasks.
+
+A model kind is one model file (a config dataclass and an ``nn.Module``), one ``conf/model/<kind>.yaml`` whose
+``_target_`` names the config class, and one :class:`ModelSpec` in :data:`MODELS` below. Nothing else in
+lmexp names a model kind: builders, tasks, generation, FSDP and export ask the spec or call the module's
+backbone methods.
+
+**The backbone contract.** Every model module offers:
+
+- ``config``: its config dataclass (``hidden_width``, ``vocab_size``, ``max_seq_len``; ``num_parameters()``);
+- ``token_states(input_ids, attention_mask) -> (B, T, C)``: the final hidden states that task heads read
+  (padding on the right never changes a real position's state);
+- ``pool(hidden, attention_mask) -> (B, C)``: one vector per sequence for sequence classification;
+- ``drop_pretraining_heads(keep_pooler)``: remove what fine-tuning never calls;
+- ``shard_units() -> list[nn.Module]``: the sub-modules FSDP shards one by one (the transformer blocks).
+
+Causal language models (``pretraining="clm"``) also offer ``forward(input_ids, labels=None)`` (logits, or with
+labels the summed loss as a :class:`~lmexp.models.head_loss.HeadLoss`) and ``start_generation(prompt)``;
+masked language models (``"mlm"``) offer ``forward(input_ids, token_type_ids, attention_mask, mlm_positions)``
+-> ``(mlm_logits, nsp_logits)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lmexp.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What one model kind offers."""
+
+    kind: str
+    """Short name, as in ``conf/model/<kind>.yaml`` and in messages."""
+    config_class: str
+    """Import path of its config dataclass (the ``_target_`` of its YAML files)."""
+    pretraining: Literal["clm", "mlm"]
+    """The task it is pre-trained with."""
+    fine_tuning: tuple[str, ...] = ("classify", "ner")
+    """The fine-tuning tasks its hidden states can feed (a fresh head on ``token_states``/``pool``)."""
+    layout: Literal["cls_sep", "eos"] = "eos"
+    """How a labelled example is framed: ``[CLS] text [SEP]`` (encoders; the tokenizer needs both tokens) or
+    ``[eos] text`` (decoders: a document starts after eos in pre-training)."""
+    hf_adapter: str | None = None
+    """Module holding its Hugging Face state-dict adapter (export to and import from transformers), or None
+    when transformers has no equivalent class."""
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Every task this kind can run."""
+        return (self.pretraining, *self.fine_tuning)
+
+    def config_type(self) -> type:
+        """The config dataclass (imported on first use: model files import torch)."""
+        module, _, name = self.config_class.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.kind: spec
+    for spec in (
+        ModelSpec("gpt", "lmexp.models.gpt.GPTConfig", pretraining="clm", hf_adapter="lmexp.models.gpt_hf"),
+        ModelSpec(
+            "bert",
+            "lmexp.models.bert.BERTConfig",
+            pretraining="mlm",
+            layout="cls_sep",
+            hf_adapter="lmexp.models.bert_hf",
+        ),
+        ModelSpec("lstm", "lmexp.models.lstm.LSTMConfig", pretraining="clm"),
+    )
+}
+
+
+def spec_for_target(target: str) -> ModelSpec:
+    """The spec whose config class is ``target`` (a ``_target_`` string)."""
+    for spec in MODELS.values():
+        if spec.config_class == target:
+            return spec
+    known = ", ".join(f"{s.kind} ({s.config_class})" for s in MODELS.values())
+    raise ConfigError(f"model._target_={target} is not a model kind lmexp knows (known: {known})")
+
+
+def spec_for(config: Any) -> ModelSpec:
+    """The spec of a config instance or class."""
+    cls = config if isinstance(config, type) else type(config)
+    return spec_for_target(f"{cls.__module__}.{cls.__qualname__}")

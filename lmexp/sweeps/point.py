@@ -1,0 +1,230 @@
+"""Sweeps (``python -m lmexp.train -m ...``): failure isolation, resume, and an end-of-sweep summary.
+
+Each point of a sweep runs through :func:`sweep_point`, which
+
+* skips a point whose run dir already holds a finished ``metrics.json`` for the same overrides (unless
+  ``sweep.rerun=true``), so re-running a sweep command finishes only what is missing;
+* lets a point that was interrupted (killed, preempted, requeued) continue from its own checkpoints
+  (``resume=auto`` does that in the point's run dir); a forced re-run, or a new attempt at a point that
+  failed, starts afresh;
+* turns a failing point (bad config, crash, NaN objective) into a recorded failure instead of an
+  exception, so the other points still run. Hydra's launchers re-raise a failed job's exception when its
+  return value is read, and ``lmexp.cli.guarded`` turns user errors into ``SystemExit``, which escapes
+  Hydra's job runner altogether: the point must not raise at all.
+
+Every point writes ``sweep_point.json`` (status, objective, overrides, error line) into its run dir;
+lmexp/sweeps/summary.py reads them all at the end of the sweep.
+
+The launcher of ``hydra/launcher=local`` and the resumable Optuna sweeper of ``hydra/sweeper=tpe`` live in
+``hydra_plugins/lmexp_sweep`` (Hydra only accepts plugins from its ``hydra_plugins`` namespace).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig
+
+from lmexp.config import overrides as override_strings
+from lmexp.config.compose import is_multirun, point_overrides
+from lmexp.errors import UserError, full_errors_requested
+
+T = TypeVar("T")
+RECORD_NAME = "sweep_point.json"
+FINISHED, FAILED, RUNNING, SKIPPED = "finished", "failed", "running", "skipped"
+
+
+# ------------------------------------------------------------------------------------- point records
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The point record of ``run_dir``, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _global_rank() -> int:
+    # A point's record is written by rank 0 only (ranks started by srun or torchrun run the job too).
+    from lmexp.cli import external_rank
+
+    return external_rank()
+
+
+def write_record(directory: Path, /, **record: Any) -> None:
+    """Write the point record of the run dir ``directory`` atomically (rank 0 only)."""
+    from lmexp.cache import atomic_write_json
+
+    if _global_rank() == 0:
+        atomic_write_json(Path(directory) / RECORD_NAME, {**record, "updated": time.time()})
+
+
+def one_line(error: BaseException) -> str:
+    """A failing point's error as one line: user errors as they are, others with their type."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"
+
+
+# ---------------------------------------------------------------------------------------- the point
+def sweep_point(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Wrap a Hydra task function so that, in a sweep, a point is skipped, resumed or isolated."""
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig) -> Any:
+        if not is_multirun():
+            return task(cfg)
+        return run_point(task, cfg)
+
+    return wrapper
+
+
+def point_identity(overrides: list[str]) -> list[str]:
+    """The overrides that decide what a point computes: ``sweep.*`` (rerun, report, ...) only steer it."""
+    return override_strings.without(overrides, ["sweep"])
+
+
+def _finished_before(run_dir: Path, previous: dict | None, overrides: list[str]) -> bool:
+    return bool(
+        previous
+        and previous.get("status") == FINISHED
+        and point_identity(previous.get("overrides", [])) == point_identity(overrides)
+        and (run_dir / "metrics.json").is_file()
+    )
+
+
+def _interrupted(previous: dict, overrides: list[str]) -> bool:
+    """An earlier attempt at this very point that died while running (killed, preempted, requeued)."""
+    return previous.get("status") == RUNNING and point_identity(
+        previous.get("overrides", [])
+    ) == point_identity(overrides)
+
+
+def _start_afresh(cfg: DictConfig) -> None:
+    """Train anew, not from the checkpoints in the run dir: they belong to a finished or failed attempt
+    (resuming would end at once, or repeat the failure) or to another point that used this dir."""
+    if "resume" in cfg:
+        cfg.resume = "never"
+
+
+def run_point(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run one point of a sweep; return its objective, or a ``failed: ...`` string when it failed.
+
+    The string is not a number on purpose: the Optuna sweeper marks such a trial as failed (with this
+    message) rather than feeding the sampler a made-up value.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = point_overrides()
+    objective = str(cfg.get("objective", "val/loss"))
+    sweep = cfg.get("sweep") or {}
+    base = {
+        "num": int(HydraConfig.get().job.num),
+        "overrides": overrides,
+        "run_dir": str(run_dir),
+        "objective_name": objective,
+        "sweep": sweep.get("name"),
+    }
+    previous = read_record(run_dir)
+    if _finished_before(run_dir, previous, overrides):
+        if not sweep.get("rerun", False):
+            print(
+                f"skip: point {run_dir.name} ({' '.join(overrides)}) already finished: "
+                f"{run_dir}/metrics.json",
+                flush=True,
+            )
+            write_record(run_dir, **{**previous, "skipped": True})
+            return previous.get("objective")
+    if previous and not _interrupted(previous, overrides):
+        _start_afresh(cfg)
+    write_record(run_dir, **base, status=RUNNING, started=time.time())
+    try:
+        value = task(cfg)
+        error = _objective_problem(objective, value)
+    except Exception as exception:  # noqa: BLE001 - isolate the point: the sweep goes on
+        value, error = None, one_line(exception)
+        _keep_traceback(run_dir, exception)
+    finally:
+        _finish_open_wandb_run()
+    if error:
+        print(f"error: point {run_dir.name} failed: {error}", file=sys.stderr, flush=True)
+        write_record(run_dir, **base, status=FAILED, objective=None, error=error, skipped=False)
+        return f"failed: {error}"
+    write_record(run_dir, **base, status=FINISHED, objective=float(value), error=None, skipped=False)
+    return float(value)
+
+
+def _objective_problem(objective: str, value: Any) -> str | None:
+    if value is None:
+        return f"objective {objective} is not among the run's metrics (metrics.json)"
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"objective {objective} is {value}"
+    return None
+
+
+def _keep_traceback(run_dir: Path, exception: BaseException) -> None:
+    """The full traceback goes to the point's traceback.txt (and stderr with HYDRA_FULL_ERROR=1)."""
+    text = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
+    if _global_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "traceback.txt").write_text(text)
+    if full_errors_requested():
+        sys.stderr.write(text)
+
+
+def _finish_open_wandb_run() -> None:
+    """A point that failed before its loggers were closed must not leave its W&B run to the next point."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1)
+
+
+# ------------------------------------------------------------------------------------ sets of records
+def collect_records(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every point record under ``sweep_dir``, in job order."""
+    records = [read_record(path.parent) for path in Path(sweep_dir).glob(f"*/{RECORD_NAME}")]
+    return sorted((r for r in records if r), key=lambda r: (r.get("num", 0), r.get("run_dir", "")))
+
+
+def point_status(record: dict[str, Any]) -> str:
+    """finished / failed / skipped (finished earlier) / running (died, or still running elsewhere)."""
+    return SKIPPED if record.get("status") == FINISHED and record.get("skipped") else str(record["status"])
+
+
+def best_of(
+    items: Sequence[T], objective: Callable[[T], float | None], direction: str = "minimize"
+) -> T | None:
+    """The item with the best objective (None-valued ones left out); None when there is none."""
+    scored = [item for item in items if objective(item) is not None]
+    if not scored:
+        return None
+    return (min if direction == "minimize" else max)(scored, key=objective)
+
+
+def best_record(records: Sequence[dict[str, Any]], direction: str = "minimize") -> dict[str, Any] | None:
+    """The finished point with the best objective."""
+    done = [r for r in records if r.get("status") == FINISHED]
+    return best_of(done, lambda r: r.get("objective"), direction)
+
+
+def override_values(record: dict[str, Any]) -> dict[str, str]:
+    """A point's overrides as ``{key: value}`` (``+``/``~`` prefixes dropped)."""
+    return override_strings.as_dict(record.get("overrides", []))
+
+
+def swept_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The override keys whose value differs between points (in first-seen order): what the sweep varies."""
+    values = [override_values(r) for r in records]
+    keys = list(dict.fromkeys(k for v in values for k in v))
+    return [k for k in keys if len({v.get(k) for v in values}) > 1] or ([] if len(records) > 1 else keys)

@@ -1,0 +1,127 @@
+"""Bad input through the real CLI: one line naming the culprit, non-zero exit, no traceback, no debris."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def _small_corpus(path: Path, n_docs: int, words_per_doc: int = 30) -> Path:
+    docs = [" ".join(WORDS[(d + i) % len(WORDS)] for i in range(words_per_doc)) for d in range(n_docs)]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def _files(tmp: Path) -> dict[str, Path]:
+    files = {"missing": tmp / "missing.txt", "empty": tmp / "empty.txt", "binary": tmp / "binary.txt"}
+    files["empty"].write_text("")
+    files["binary"].write_bytes(b"\x00\x01\x02binary\x00" * 100)
+    files["latin1"] = tmp / "latin1.txt"
+    files["latin1"].write_bytes("caf\u00e9 na\u00efve\n\nmore text here\n".encode("latin-1"))
+    files["short"] = _small_corpus(tmp / "short.txt", n_docs=40, words_per_doc=5)
+    files["tiny_vocab"] = _small_corpus(tmp / "tiny_vocab.txt", n_docs=200)
+    files["one_doc"] = _small_corpus(tmp / "one_doc.txt", n_docs=1, words_per_doc=3000)
+    files["bad_jsonl"] = tmp / "bad.jsonl"
+    files["bad_jsonl"].write_text('{"text": "a fine document"}\n{"text": "cut short\n', encoding="utf-8")
+    files["corrupt_ckpt"] = tmp / "corrupt.ckpt"
+    files["corrupt_ckpt"].write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
+    return files
+
+
+CASES = {
+    # name: (overrides, text that the one line must contain)
+    "missing file": (["data=text", "data.path={missing}"], "missing.txt"),
+    "empty file": (["data=text", "data.path={empty}"], "empty.txt"),
+    "binary file": (["data=text", "data.path={binary}"], "binary"),
+    "non-utf8 file": (["data=text", "data.path={latin1}"], "UTF-8"),
+    "shorter than a block": (
+        ["data=text", "data.path={short}", "data.block_size=256", "tokenizer.vocab_size=300"],
+        "block_size",
+    ),
+    "vocab too large": (["data=text", "data.path={tiny_vocab}", "tokenizer.vocab_size=60000"], "vocab_size"),
+    "unknown model": (["model=gpt9"], "model/gpt9"),
+    "unknown key": (["model.n_layers=3"], "n_layers"),
+    "wrong type": (["model.n_layer=four"], "model.n_layer"),
+    "heads do not divide width": (["model.n_embd=100", "model.n_head=3"], "model.n_head"),
+    "negative lr": (["optim.lr=-0.1"], "optim.lr"),
+    "unknown precision": (["trainer.precision=fp8"], "trainer.precision"),
+    "model does not support task": (["model=lstm", "task=mlm"], "task=mlm is not supported by model=lstm"),
+    "mask rate outside (0, 1)": (["model=bert", "task.mask_rate=1.5"], "task.mask_rate"),
+    "sequence shorter than 8": (["model=bert", "data.block_size=4"], "data.block_size"),
+    "one document for NSP": (
+        [
+            "model=bert",
+            "data=text",
+            "data.path={one_doc}",
+            "data.val_path={one_doc}",
+            "tokenizer.vocab_size=300",
+        ],
+        "NSP",
+    ),
+    "malformed jsonl": (["data=text", "data.path={bad_jsonl}"], "bad.jsonl line 2"),
+    "unknown config option": (["scheduler=linear"], "scheduler/linear"),
+    "lr not a number": (["optim.lr=fast"], "optim.lr"),
+    "unknown resume mode": (["resume=sometimes"], "resume="),
+    "block size above the model's positions": (
+        ["model.max_seq_len=64", "data.block_size=128"],
+        "data.block_size=128 exceeds model.max_seq_len=64",
+    ),
+    "missing checkpoint": (["ckpt_path={missing}"], "ckpt_path"),
+    "corrupt checkpoint": (["ckpt_path={corrupt_ckpt}"], "ckpt_path"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line(case, cli, tmp_path, cache_dir):
+    overrides, culprit = CASES[case]
+    files = _files(tmp_path)
+    args = [o.format(**files) for o in overrides]
+    result = cli("lmexp.train", "debug=fast", "logger=csv", *args, timeout=120)
+
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and culprit in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    leftovers = [p for p in [*tmp_path.rglob("*"), *cache_dir.rglob("*")] if ".tmp" in p.name]
+    assert not leftovers
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.slow
+def test_full_error_shows_traceback(cli):
+    result = cli("lmexp.train", "debug=fast", "optim.lr=-1", env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "optim.lr" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A real checkpoint of a tiny run (debug=fast settings)."""
+    from lmexp.train import train
+    from tests.conftest import make_config
+
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    train(make_config(run_dir, cache_dir, "trainer.max_steps=2", "logger=csv"))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "culprit"),
+    [
+        (["tokenizer=unigram"], "different tokenizer"),
+        (["model.n_layer=2"], "different model (model.n_layer: 1 there, 2 now)"),
+    ],
+    ids=["tokenizer", "model"],
+)
+def test_checkpoint_that_does_not_fit_the_run(cli, tmp_path, checkpoint, overrides, culprit):
+    result = cli("lmexp.train", "debug=fast", "logger=csv", f"ckpt_path={checkpoint}", *overrides)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"error: ckpt_path={checkpoint}") and culprit in lines[0]
+    assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("*.ckpt"))
