@@ -3,8 +3,8 @@
 What sets it apart from lmexp's GPT: rotary position embeddings (RoPE) instead of learned ones, RMSNorm
 instead of LayerNorm, a SwiGLU MLP, grouped-query attention (``n_kv_head`` key/value heads shared by
 ``n_head`` query heads), no biases, and untied embeddings allowed. The interface is GPT's (``hidden_states``,
-``forward`` with ``labels``, ``new_kv_caches``, ``num_parameters``, ``blocks``), so tasks, generation,
-FLOP counting and FSDP use either model alike.
+``forward`` with ``labels`` and ``document_ids``, ``new_kv_caches``, ``num_parameters``, ``blocks``), so
+tasks, generation, FLOP counting and FSDP can treat both models the same way.
 
 Parameter names follow Hugging Face's ``LlamaForCausalLM`` closely, so an adapter only renames
 (lmexp/models/llama_hf.py)::
