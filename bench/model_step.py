@@ -101,12 +101,13 @@ def gpt_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], 
     """One training step of lmexp's GPT and of HF's GPT2LMHeadModel, as closures."""
     from transformers import GPT2LMHeadModel
 
-    from lmexp.inference.export import gpt2_config
+    from lmexp.models import gpt_hf
 
     config, ours, ours_optimizer = _lmexp_side("gpt", shape, overrides)
 
-    # lmexp's exporter maps the architecture; no tokenizer here, so bos/eos/pad are plain ids.
-    theirs = GPT2LMHeadModel(_sdpa(gpt2_config(config, shape.vocab_size, bos_id=2, eos_id=3, pad_id=0)))
+    # lmexp's HF adapter maps the architecture; no tokenizer here, so bos/eos/pad are plain ids.
+    ids = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+    theirs = GPT2LMHeadModel(_sdpa(gpt_hf.hf_config(config, shape.vocab_size, ids)))
     theirs, theirs_optimizer = _hf_side(theirs)
 
     tokens = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len + 1))
@@ -126,12 +127,12 @@ def bert_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[],
     """One MLM training step of lmexp's BERT (NSP off) and of HF's BertForMaskedLM, as closures."""
     from transformers import BertForMaskedLM
 
-    from lmexp.inference.export import bert_config
+    from lmexp.models import bert_hf
     from lmexp.tasks.mlm import mlm_loss_sum
 
     config, ours, ours_optimizer = _lmexp_side("bert", shape, overrides)
 
-    theirs = BertForMaskedLM(_sdpa(bert_config(config, shape.vocab_size, pad_id=0, labels=None)))
+    theirs = BertForMaskedLM(_sdpa(bert_hf.hf_config(config, shape.vocab_size, {"pad_token_id": 0})))
     theirs, theirs_optimizer = _hf_side(theirs)
 
     # One masked batch for both: 15% of positions carry a label, the last eighth of each row is padding.

@@ -1,8 +1,8 @@
 """``python -m lmexp.export ckpt_path=<.ckpt> out=<dir>``: a Hugging Face transformers model directory.
 
-gpt (task=clm) becomes ``GPT2LMHeadModel``; bert becomes ``BertForMaskedLM`` (pre-trained),
-``BertForSequenceClassification`` (task=classify) or ``BertForTokenClassification`` (task=ner). lmexp's
-layouts mirror these classes (see the docstrings of lmexp/models/gpt.py and bert.py), so export renames
+gpt (task=clm) becomes ``GPT2LMHeadModel``; llama ``LlamaForCausalLM``; bert ``BertForMaskedLM``
+(pre-trained), ``BertForSequenceClassification`` (task=classify) or ``BertForTokenClassification``
+(task=ner). Each model kind's adapter (lmexp/models/<kind>_hf.py, named in the model registry) renames the
 weights, transposes GPT-2's Conv1D matrices, splits BERT's fused qkv and drops the padded vocabulary rows.
 The tokenizer is the run's sentencepiece model rebuilt as a ``tokenizers`` tokenizer (same normalizer,
 pieces, byte fallback and special tokens), so ``AutoTokenizer.from_pretrained(out)`` gives lmexp's ids.
@@ -115,159 +115,38 @@ def _tokenizer_model(proto: Any, models: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- weights
-def gpt2_config(config: Any, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> Any:
-    """The ``GPT2Config`` of the same architecture as an lmexp :class:`GPTConfig`."""
-    from transformers import GPT2Config
+def special_ids(tokenizer: Any, layout: str) -> dict[str, int]:
+    """The special ids of the exported config: a decoder's document starts after eos, so eos doubles as
+    its bos; an encoder has pad only (its [CLS]/[SEP] are the tokenizer's post-processor's)."""
+    if layout == "cls_sep":
+        return {"pad_token_id": tokenizer.pad_id}
+    return {
+        "bos_token_id": tokenizer.eos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
 
-    if not config.bias:
+
+def hf_model(run: Any, cfg: DictConfig) -> Any:
+    """The transformers model of a restored run, through its model kind's adapter (lmexp/models/*_hf.py)."""
+    from lmexp.models.hf_common import to_hf_model
+
+    spec, task = run.model_spec, run.task
+    if spec.hf_adapter is None:
         raise ConfigError(
-            "model.bias=false cannot be expressed as GPT2LMHeadModel (GPT-2 always has biases); "
-            "export needs a gpt trained with model.bias=true (the default)"
+            f"ckpt_path={cfg.ckpt_path}: a {spec.kind} cannot be expressed as a Hugging Face transformers "
+            "model (transformers has no such model class)"
         )
-    return GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=config.max_seq_len,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_inner=4 * config.n_embd,
-        activation_function="gelu_new",
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
-        layer_norm_epsilon=config.layer_norm_eps,
-        tie_word_embeddings=config.tie_embeddings,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+    backbone = getattr(task.model, "backbone", task.model)
+    return to_hf_model(
+        spec.kind,
+        backbone.config,
+        task.model.state_dict(),
+        run.tokenizer.vocab_size,
+        special_ids(run.tokenizer, spec.layout),
+        task=task.name,
+        labels=run.labels,
     )
-
-
-def _gpt_model(model: Any, vocab_size: int, tokenizer: Any) -> Any:
-    from transformers import GPT2LMHeadModel
-
-    config = model.config
-    # An lmexp document starts after eos, so eos doubles as GPT-2's bos.
-    hf_config = gpt2_config(config, vocab_size, tokenizer.eos_id, tokenizer.eos_id, tokenizer.pad_id)
-    source = model.state_dict()
-    weights = {
-        "transformer.wte.weight": source["tok_emb.weight"][:vocab_size],
-        "transformer.wpe.weight": source["pos_emb.weight"],
-        "transformer.ln_f.weight": source["ln_f.weight"],
-        "transformer.ln_f.bias": source["ln_f.bias"],
-        "lm_head.weight": source["lm_head.weight"][:vocab_size],
-    }
-    names = {"ln1": "ln_1", "ln2": "ln_2", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj"}
-    names |= {"mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
-    for i in range(config.n_layer):
-        for ours, theirs in names.items():
-            weight, bias = source[f"blocks.{i}.{ours}.weight"], source[f"blocks.{i}.{ours}.bias"]
-            is_conv1d = not ours.startswith("ln")  # GPT-2's Conv1D stores (in, out): transpose
-            weights[f"transformer.h.{i}.{theirs}.weight"] = weight.t() if is_conv1d else weight
-            weights[f"transformer.h.{i}.{theirs}.bias"] = bias
-    return _loaded(GPT2LMHeadModel(hf_config), weights)
-
-
-def bert_config(config: Any, vocab_size: int, pad_id: int, labels: list[str] | None) -> Any:
-    """The ``BertConfig`` of an lmexp :class:`BERTConfig`'s architecture (with ``labels``: a classifier's)."""
-    from transformers import BertConfig
-
-    if config.norm_first:
-        raise ConfigError(
-            "model.norm_first=true (pre-LN) cannot be expressed as a Hugging Face BERT (post-LN); "
-            "export needs a bert trained with model.norm_first=false (the default)"
-        )
-    extra = {}
-    if labels is not None:
-        extra = {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)},
-        }
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=config.n_embd,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        intermediate_size=config.mlp_ratio * config.n_embd,
-        hidden_act="gelu",
-        hidden_dropout_prob=config.dropout,
-        attention_probs_dropout_prob=config.dropout,
-        max_position_embeddings=config.max_seq_len,
-        type_vocab_size=config.type_vocab_size,
-        layer_norm_eps=config.layer_norm_eps,
-        pad_token_id=pad_id,
-        **extra,
-    )
-
-
-def _bert_weights(source: dict[str, Any], n_layer: int, vocab_size: int, pooler: bool) -> dict[str, Any]:
-    """``bert.*`` weights (embeddings, encoder, and with ``pooler`` the pooler) from an lmexp BERT's."""
-    weights = {
-        "bert.embeddings.word_embeddings.weight": source["tok_emb.weight"][:vocab_size],
-        "bert.embeddings.position_embeddings.weight": source["pos_emb.weight"],
-        "bert.embeddings.token_type_embeddings.weight": source["type_emb.weight"],
-        "bert.embeddings.LayerNorm.weight": source["emb_ln.weight"],
-        "bert.embeddings.LayerNorm.bias": source["emb_ln.bias"],
-    }
-    names = {
-        "attn.proj": "attention.output.dense",
-        "ln1": "attention.output.LayerNorm",
-        "mlp.fc": "intermediate.dense",
-        "mlp.proj": "output.dense",
-        "ln2": "output.LayerNorm",
-    }
-    for i in range(n_layer):
-        prefix = f"bert.encoder.layer.{i}"
-        for part in ("weight", "bias"):
-            qkv = source[f"blocks.{i}.attn.qkv.{part}"]
-            for name, chunk in zip(("query", "key", "value"), qkv.chunk(3, dim=0), strict=True):
-                weights[f"{prefix}.attention.self.{name}.{part}"] = chunk
-            for ours, theirs in names.items():
-                weights[f"{prefix}.{theirs}.{part}"] = source[f"blocks.{i}.{ours}.{part}"]
-    if "pooler.dense.weight" in source and pooler:
-        weights["bert.pooler.dense.weight"] = source["pooler.dense.weight"]
-        weights["bert.pooler.dense.bias"] = source["pooler.dense.bias"]
-    return weights
-
-
-def _bert_model(task: Any, tokenizer: Any, labels: list[str] | None) -> Any:
-    from transformers import BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
-
-    vocab_size = tokenizer.vocab_size
-    if task.name == "mlm":
-        bert = task.model
-        config = bert_config(bert.config, vocab_size, tokenizer.pad_id, None)
-        source = bert.state_dict()
-        weights = _bert_weights(source, bert.config.n_layer, vocab_size, pooler=False)
-        weights |= {
-            "cls.predictions.transform.dense.weight": source["mlm_head.dense.weight"],
-            "cls.predictions.transform.dense.bias": source["mlm_head.dense.bias"],
-            "cls.predictions.transform.LayerNorm.weight": source["mlm_head.ln.weight"],
-            "cls.predictions.transform.LayerNorm.bias": source["mlm_head.ln.bias"],
-            "cls.predictions.decoder.weight": source["mlm_head.decoder.weight"][:vocab_size],
-            "cls.predictions.bias": source["mlm_head.decoder.bias"][:vocab_size],
-            "cls.predictions.decoder.bias": source["mlm_head.decoder.bias"][:vocab_size],
-        }
-        return _loaded(BertForMaskedLM(config), weights)
-    bert = task.model.backbone
-    config = bert_config(bert.config, vocab_size, tokenizer.pad_id, labels)
-    weights = _bert_weights(bert.state_dict(), bert.config.n_layer, vocab_size, pooler=True)
-    weights["classifier.weight"] = task.model.classifier.weight
-    weights["classifier.bias"] = task.model.classifier.bias
-    hf_class = BertForSequenceClassification if task.name == "classify" else BertForTokenClassification
-    return _loaded(hf_class(config), weights)
-
-
-def _loaded(model: Any, weights: dict[str, Any]) -> Any:
-    """``model`` with ``weights`` loaded; every one of its parameters must be among them."""
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    missing = sorted(params - set(weights))
-    unknown = sorted(set(weights) - set(model.state_dict()))
-    if missing or unknown:  # a programming error: the name mapping is out of date
-        raise RuntimeError(f"export mapping: missing {missing[:5]}, unknown {unknown[:5]}")
-    model.load_state_dict({k: v.detach().clone().contiguous() for k, v in weights.items()}, strict=False)
-    return model.eval()
 
 
 # -------------------------------------------------------------------------------------------- parity
@@ -330,36 +209,19 @@ def export(cfg: DictConfig) -> Path:
         )
     run = restore_run(cfg.ckpt_path, cfg.paths.cache_dir)
     task = run.task
-    hf_model = _hf_model(run, cfg)
+    model = hf_model(run, cfg)
     bert = run.model_spec.layout == "cls_sep"
-    tokenizer = hf_tokenizer(run.tokenizer.path, bert, hf_model.config.max_position_embeddings)
-    diff = check_parity(task, hf_model, run.tokenizer, PARITY_TEXTS, bert)
+    tokenizer = hf_tokenizer(run.tokenizer.path, bert, model.config.max_position_embeddings)
+    diff = check_parity(task, model, run.tokenizer, PARITY_TEXTS, bert)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        hf_model.save_pretrained(staging)
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"{type(hf_model).__name__} + tokenizer written to {out} (max |logit diff| vs lmexp: {diff:.2g})")
+    print(f"{type(model).__name__} + tokenizer written to {out} (max |logit diff| vs lmexp: {diff:.2g})")
     return out
-
-
-def _hf_model(run: Any, cfg: DictConfig) -> Any:
-    spec, task = run.model_spec, run.task
-    if spec.hf_adapter is None:
-        raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path}: a {spec.kind} cannot be expressed as a Hugging Face transformers "
-            "model (transformers has no such model class); export supports gpt (task=clm) and bert"
-        )
-    if spec.kind == "gpt" and task.name == "clm":
-        return _gpt_model(task.model, run.tokenizer.vocab_size, run.tokenizer)
-    if spec.kind == "bert":
-        return _bert_model(task, run.tokenizer, run.labels)
-    raise ConfigError(
-        f"ckpt_path={cfg.ckpt_path}: export of a fine-tuned {spec.kind} (task={task.name}) is not supported; "
-        "export supports gpt (task=clm) and bert (task=mlm, classify, ner)"
-    )

@@ -24,6 +24,7 @@ from torch import nn
 from lmexp.config.schema import between, positive
 from lmexp.errors import ConfigError
 from lmexp.models.config import ModelConfig, heads_problem
+from lmexp.models.document_mask import block_causal_mask, document_positions
 from lmexp.models.head_loss import HeadLoss, linear_cross_entropy
 from lmexp.models.layers import Block, KVCache, init_weights, last_token, scale_residual_projections
 
@@ -115,13 +116,21 @@ class GPT(nn.Module):
         self.apply(partial(init_weights, std=INIT_STD))
         scale_residual_projections(self, config.n_layer, std=INIT_STD)
 
-    def hidden_states(self, input_ids: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        kv_caches: list[KVCache] | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final-norm hidden states of every position (what the LM head and classification heads read).
 
         Args:
             input_ids: Token ids of shape (B, T).
             kv_caches: One :class:`KVCache` per block (from :meth:`new_kv_caches`) holding the earlier
                 positions; ``input_ids`` are the positions that follow them. None = no earlier positions.
+            document_ids: Optional (B, T) document of every token of packed blocks (see
+                lmexp/models/document_mask.py): a token then attends only to its own document, and
+                position embeddings restart at each document start. Not with ``kv_caches``.
 
         Returns:
             Hidden states of shape (B, T, C).
@@ -135,11 +144,18 @@ class GPT(nn.Module):
                 f"sequence length {past + T} exceeds model.max_seq_len={self.config.max_seq_len}: expected "
                 "data.block_size (or the generation context) <= model.max_seq_len"
             )
-        positions = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        mask = None
+        if document_ids is None:
+            positions = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        else:
+            if kv_caches is not None or document_ids.shape != input_ids.shape:
+                raise ValueError("document_ids must have the shape of input_ids and come without kv_caches")
+            positions = document_positions(document_ids)  # (B, T): restart at every document
+            mask = block_causal_mask(document_ids)  # (B, 1, T, T)
         x = self.tok_emb(input_ids) + self.pos_emb(positions)  # (B, T, C): (T, C) broadcasts over B
         x = self.drop(x)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache=kv_caches[i] if kv_caches else None)  # (B, T, C)
+            x = block(x, kv_cache=kv_caches[i] if kv_caches else None, causal_mask=mask)  # (B, T, C)
         return self.ln_f(x)  # (B, T, C)
 
     def forward(
@@ -147,6 +163,7 @@ class GPT(nn.Module):
         input_ids: torch.Tensor,
         kv_caches: list[KVCache] | None = None,
         labels: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | HeadLoss:
         """Next-token logits for every position, or, given ``labels``, the loss without the logits.
 
@@ -156,12 +173,13 @@ class GPT(nn.Module):
             labels: (B, T) next-token ids, -100 where no loss is due. The loss is then computed straight
                 from the hidden states (lmexp/models/head_loss.py), which is how training and evaluation
                 call the model: the (B, T, V) logits never exist at once.
+            document_ids: See :meth:`hidden_states` (document masking of packed blocks).
 
         Returns:
             Logits of shape (B, T, V) with V = ``config.padded_vocab_size`` (position t predicts token
             t+1); with ``labels``, a :class:`HeadLoss` (summed NLL, greedy predictions of shape (B*T,)).
         """
-        h = self.hidden_states(input_ids, kv_caches)  # (B, T, C)
+        h = self.hidden_states(input_ids, kv_caches, document_ids)  # (B, T, C)
         if labels is None:
             return self.lm_head(h)  # (B, T, V)
         return linear_cross_entropy(

@@ -89,7 +89,11 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        causal_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend over ``x`` of shape (B, T, C); returns (B, T, C).
 
@@ -99,10 +103,15 @@ class SelfAttention(nn.Module):
                 broadcastable to (B, H, T, T), e.g. a padding mask of shape (B, 1, 1, T).
             kv_cache: Only for causal attention: keys and values of the earlier positions. ``x`` holds the
                 positions that follow them; their keys and values are appended to the cache.
+            causal_mask: Only for causal attention without a cache: a boolean mask (True = may attend)
+                broadcastable to (B, H, T, T) used instead of plain causality, so it must be causal itself,
+                e.g. the block-causal mask of packed documents (lmexp/models/document_mask.py).
         """
         if self.causal and attn_mask is not None:
             # SDPA cannot combine is_causal with an explicit mask; a decoder never needs both here.
             raise ValueError("attn_mask is only supported for non-causal attention")
+        if causal_mask is not None and (not self.causal or kv_cache is not None):
+            raise ValueError("causal_mask is only supported for causal attention without a kv_cache")
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
@@ -110,6 +119,8 @@ class SelfAttention(nn.Module):
         k = k.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         is_causal = self.causal
+        if causal_mask is not None:
+            attn_mask, is_causal = causal_mask, False  # the mask carries the causality
         if kv_cache is not None:
             attn_mask, is_causal = kv_cache.causal_mask(T, x.device), kv_cache.length == 0
             k, v = kv_cache.append(k, v)  # 2 x (B, H, L, D), L = cached + T positions
@@ -189,14 +200,18 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd, mlp_ratio * n_embd, dropout, bias, gelu_approximate)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        causal_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Map (B, T, C) to (B, T, C); ``attn_mask`` and ``kv_cache`` go to :class:`SelfAttention`."""
+        """Map (B, T, C) to (B, T, C); the masks and ``kv_cache`` go to :class:`SelfAttention`."""
         if self.norm_first:
-            x = x + self.attn(self.ln1(x), attn_mask, kv_cache)  # (B, T, C)
+            x = x + self.attn(self.ln1(x), attn_mask, kv_cache, causal_mask)  # (B, T, C)
             x = x + self.mlp(self.ln2(x))  # (B, T, C)
         else:
-            x = self.ln1(x + self.attn(x, attn_mask, kv_cache))  # (B, T, C)
+            x = self.ln1(x + self.attn(x, attn_mask, kv_cache, causal_mask))  # (B, T, C)
             x = self.ln2(x + self.mlp(x))  # (B, T, C)
         return x
 

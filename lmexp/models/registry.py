@@ -47,6 +47,8 @@ class ModelSpec:
     hf_adapter: str | None = None
     """Module holding its Hugging Face state-dict adapter (export to and import from transformers), or None
     when transformers has no equivalent class."""
+    hf_model_type: str | None = None
+    """The ``model_type`` of the Hugging Face configs this kind can import (``gpt2``, ``bert``, ``llama``)."""
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -62,17 +64,21 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     spec.kind: spec
     for spec in (
-        ModelSpec("gpt", "lmexp.models.gpt.GPTConfig", pretraining="clm", hf_adapter="lmexp.models.gpt_hf"),
         ModelSpec(
-            "bert",
-            "lmexp.models.bert.BERTConfig",
-            pretraining="mlm",
-            layout="cls_sep",
-            hf_adapter="lmexp.models.bert_hf",
+            "gpt", "lmexp.models.gpt.GPTConfig", "clm",
+            hf_adapter="lmexp.models.gpt_hf", hf_model_type="gpt2",
         ),
-        ModelSpec("lstm", "lmexp.models.lstm.LSTMConfig", pretraining="clm"),
+        ModelSpec(
+            "bert", "lmexp.models.bert.BERTConfig", "mlm", layout="cls_sep",
+            hf_adapter="lmexp.models.bert_hf", hf_model_type="bert",
+        ),
+        ModelSpec(
+            "llama", "lmexp.models.llama.LlamaConfig", "clm",
+            hf_adapter="lmexp.models.llama_hf", hf_model_type="llama",
+        ),
+        ModelSpec("lstm", "lmexp.models.lstm.LSTMConfig", "clm"),
     )
-}
+}  # fmt: skip
 
 
 def spec_for_target(target: str) -> ModelSpec:

@@ -122,33 +122,12 @@ def test_export_errors(checkpoints, tmp_path, cache_dir, monkeypatch):
 
 
 def test_architectures_without_a_transformers_equivalent_are_named():
-    from types import SimpleNamespace
-
-    from lmexp.inference.export import _gpt_model, bert_config
+    from lmexp.models import bert_hf, gpt_hf
     from lmexp.models.bert import BERTConfig
     from lmexp.models.gpt import GPTConfig
 
-    special_ids = SimpleNamespace(eos_id=3, pad_id=0)
-    no_bias = GPTConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=8, vocab_size=70, bias=False).build()
+    no_bias = GPTConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=8, vocab_size=70, bias=False)
     with pytest.raises(ConfigError, match="model.bias=false cannot be expressed as GPT2LMHeadModel"):
-        _gpt_model(no_bias, 70, special_ids)
+        gpt_hf.hf_config(no_bias, 70, {"eos_token_id": 3})
     with pytest.raises(ConfigError, match="model.norm_first=true .* cannot be expressed as a Hugging Face"):
-        bert_config(BERTConfig(norm_first=True, vocab_size=70), 70, 0, None)
-
-
-def test_untied_gpt_exports_with_the_same_logits(tmp_path):
-    from types import SimpleNamespace
-
-    from transformers import GPT2LMHeadModel
-
-    from lmexp.inference.export import _gpt_model
-    from lmexp.models.gpt import GPTConfig
-
-    torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, max_seq_len=16, vocab_size=70, tie_embeddings=False)
-    model = config.build().eval()  # 70 ids padded to 128 embedding rows
-    _gpt_model(model, 70, SimpleNamespace(eos_id=3, pad_id=0)).save_pretrained(tmp_path)
-    ids = torch.randint(0, 70, (2, 16))
-    with torch.no_grad():
-        diff = model(ids)[..., :70] - GPT2LMHeadModel.from_pretrained(tmp_path)(input_ids=ids).logits
-    assert diff.abs().max() < 1e-4
+        bert_hf.hf_config(BERTConfig(norm_first=True, vocab_size=70), 70, {"pad_token_id": 0})

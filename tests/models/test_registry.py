@@ -15,6 +15,7 @@ from lmexp.models.registry import MODELS, spec_for, spec_for_target
 SIZES = {
     "gpt": dict(n_layer=1, n_head=2, n_embd=16, max_seq_len=16),
     "bert": dict(n_layer=1, n_head=2, n_embd=16, max_seq_len=16, dropout=0.0),
+    "llama": dict(n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=16),
     "lstm": dict(n_layer=1, n_embd=16, hidden_size=24, dropout=0.0),
 }
 
