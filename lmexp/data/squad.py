@@ -19,12 +19,12 @@ overlap the (first) gold answer when the whole answer lies inside the window; ot
 unanswerable questions, both are the null position 0 (the ``[CLS]`` token, as BERT does).
 
 Answers (:func:`predict_answers`): per window, the ``n_best`` highest start and end logits over context
-tokens are paired into spans with end >= start and at most ``max_answer_len`` tokens, scored by start +
-end logit; the windows of an example are merged (the same character span keeps its best score) and the
-best span wins. Its text is the original context between the first token's start and the last token's
-end. With ``null_threshold`` set (SQuAD v2) the answer is empty when the null score (start + end logit
-at position 0, the lowest over the example's windows, as BERT does) exceeds the best span's score by
-more than ``null_threshold``.
+tokens (those with text) are paired into spans with end >= start and at most ``max_answer_len``
+tokens, scored by start + end logit; the windows of an example are merged (the same character span
+keeps its best score) and the best span wins. Its text is the original context between the first
+token's start and the last token's end. With ``null_threshold`` set (SQuAD v2) the answer is empty when
+the null score (start + end logit at position 0, the lowest over the example's windows, as BERT does)
+exceeds the best span's score by more than ``null_threshold``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -211,22 +211,32 @@ def _check_unique_ids(examples: list[QAExample], file_prefix: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- features
-@dataclass
+@dataclass(eq=False)  # arrays have no single truth value; features compare by identity
 class QAFeature:
-    """One window of an example: ``[CLS] question [SEP] context-window [SEP]`` and its labels."""
+    """One window of an example: ``[CLS] question [SEP] context-window [SEP]`` and its labels.
+
+    Arrays rather than lists: SQuAD's training set makes ~90k windows of 384 tokens.
+    """
 
     example_index: int
     """Index of the example in the list given to :func:`build_features`."""
     example_id: str
-    input_ids: list[int]
-    token_type_ids: list[int]
-    """0 for ``[CLS] question [SEP]``, 1 for ``context [SEP]``."""
-    offsets: list[Span | None]
-    """Character span in the context of each context token; None for question and special tokens."""
+    input_ids: np.ndarray
+    """int64 (L,): the window's token ids, L <= max_len."""
+    token_type_ids: np.ndarray
+    """int64 (L,): 0 for ``[CLS] question [SEP]``, 1 for ``context [SEP]``."""
+    offsets: np.ndarray
+    """int64 (L, 2): character span in the context of each context token; (-1, -1) for question and
+    special tokens."""
     start_position: int
     """Token index of the answer's first token in this window, or :data:`NULL_POSITION`."""
     end_position: int
     """Token index of the answer's last token in this window, or :data:`NULL_POSITION`."""
+
+    @property
+    def context_positions(self) -> np.ndarray:
+        """Token indices of the window's context tokens (consecutive)."""
+        return np.flatnonzero(self.offsets[:, 0] >= 0)
 
 
 def window_problems(max_len: int, stride: int, max_question_len: int) -> list[str]:
@@ -271,16 +281,18 @@ def build_features(
     if problems:
         raise ConfigError(problems)
     contexts = list(dict.fromkeys(example.context for example in examples))  # SQuAD repeats each context
-    encoded = dict(zip(contexts, tokenizer.encode_with_offsets(contexts), strict=True))
+    encoded = {}
+    for context, (ids, spans) in zip(contexts, tokenizer.encode_with_offsets(contexts), strict=True):
+        trimmed = np.array(trim_leading_whitespace(context, spans), dtype=np.int64).reshape(-1, 2)
+        encoded[context] = (np.array(ids, dtype=np.int64), trimmed)
     questions = tokenizer.encode([example.question for example in examples])
+    no_span = np.full((1, 2), -1, dtype=np.int64)
     features = []
     for index, (example, question_ids) in enumerate(zip(examples, questions, strict=True)):
         context_ids, spans = encoded[example.context]
-        spans = trim_leading_whitespace(example.context, spans)
-        question_ids = question_ids[:max_question_len]
-        width = max_len - N_SPECIALS - len(question_ids)
+        prefix = np.array([cls_id, *question_ids[:max_question_len], sep_id], dtype=np.int64)
+        width = max_len - len(prefix) - 1
         answer = None if example.is_impossible else answer_token_range(spans, example.answers[0])
-        prefix = [cls_id, *question_ids, sep_id]
         for start in window_starts(len(context_ids), width, stride):
             stop = min(start + width, len(context_ids))
             positions = (NULL_POSITION, NULL_POSITION)
@@ -290,9 +302,9 @@ def build_features(
                 QAFeature(
                     example_index=index,
                     example_id=example.id,
-                    input_ids=prefix + context_ids[start:stop] + [sep_id],
-                    token_type_ids=[0] * len(prefix) + [1] * (stop - start + 1),
-                    offsets=[None] * len(prefix) + list(spans[start:stop]) + [None],
+                    input_ids=np.concatenate([prefix, context_ids[start:stop], [sep_id]]),
+                    token_type_ids=np.repeat(np.array([0, 1]), [len(prefix), stop - start + 1]),
+                    offsets=np.concatenate([no_span.repeat(len(prefix), 0), spans[start:stop], no_span]),
                     start_position=positions[0],
                     end_position=positions[1],
                 )
@@ -319,13 +331,13 @@ def trim_leading_whitespace(text: str, spans: Sequence[Span]) -> list[Span]:
     return trimmed
 
 
-def answer_token_range(spans: Sequence[Span], answer: Answer) -> tuple[int, int] | None:
-    """First and last token whose span overlaps the answer's characters; None when no token does.
+def answer_token_range(spans: np.ndarray, answer: Answer) -> tuple[int, int] | None:
+    """First and last token whose (L, 2) span overlaps the answer's characters; None when no token does.
 
     An empty span (a leading byte piece of a character) counts when it lies strictly inside the answer.
     """
-    inside = [i for i, (start, end) in enumerate(spans) if start < answer.end and end > answer.start]
-    return (inside[0], inside[-1]) if inside else None
+    inside = np.flatnonzero((spans[:, 0] < answer.end) & (spans[:, 1] > answer.start))
+    return (int(inside[0]), int(inside[-1])) if len(inside) else None
 
 
 class QAFeatureDataset(Dataset):
@@ -365,8 +377,8 @@ class QACollator:
         attention_mask = torch.zeros((len(items), length), dtype=torch.long)  # (B, T)
         for row, item in enumerate(items):
             n = len(item["input_ids"])
-            input_ids[row, :n] = torch.tensor(item["input_ids"])
-            token_type_ids[row, :n] = torch.tensor(item["token_type_ids"])
+            input_ids[row, :n] = torch.as_tensor(item["input_ids"])
+            token_type_ids[row, :n] = torch.as_tensor(item["token_type_ids"])
             attention_mask[row, :n] = 1
         return {
             "input_ids": input_ids,
@@ -379,8 +391,7 @@ class QACollator:
 
 
 # -------------------------------------------------------------------------------------------- answers
-@dataclass(frozen=True)
-class SpanCandidate:
+class SpanCandidate(NamedTuple):
     """A candidate answer: the context substring between character offsets ``start`` and ``end``."""
 
     text: str
@@ -430,11 +441,12 @@ def predict_answers(
             f"predict_answers: {len(features)} features but {len(start_logits)} start and "
             f"{len(end_logits)} end logit rows"
         )
+    start_logits, end_logits = _as_rows(start_logits), _as_rows(end_logits)
     candidates: dict[int, dict[Span, float]] = {}
     null_scores: dict[int, float] = {}
     for feature, start_row, end_row in zip(features, start_logits, end_logits, strict=True):
-        starts = _as_array(start_row)[: len(feature.input_ids)]
-        ends = _as_array(end_row)[: len(feature.input_ids)]
+        starts = np.asarray(start_row, dtype=np.float32)[: len(feature.input_ids)]
+        ends = np.asarray(end_row, dtype=np.float32)[: len(feature.input_ids)]
         index = feature.example_index
         null_score = float(starts[NULL_POSITION] + ends[NULL_POSITION])
         null_scores[index] = min(null_scores.get(index, np.inf), null_score)
@@ -455,27 +467,48 @@ def predict_answers(
     return predictions
 
 
-def _as_array(row: Any) -> np.ndarray:
-    if isinstance(row, torch.Tensor):
-        return row.detach().float().cpu().numpy()  # bf16 logits have no numpy dtype
-    return np.asarray(row, dtype=np.float32)
+def _as_rows(logits: Any) -> Any:
+    """Logits as numpy rows: a tensor is moved to the CPU once (bf16 has no numpy dtype)."""
+    if isinstance(logits, torch.Tensor):
+        return logits.detach().float().cpu().numpy()
+    return [row.detach().float().cpu().numpy() if isinstance(row, torch.Tensor) else row for row in logits]
 
 
 def _window_spans(
     feature: QAFeature, starts: np.ndarray, ends: np.ndarray, n_best: int, max_answer_len: int
 ) -> list[tuple[Span, float]]:
-    """Valid (character span, score) pairs of one window from its top start and end positions."""
-    context = np.array([t for t, span in enumerate(feature.offsets) if span is not None])  # contiguous
+    """The ``n_best`` best valid, distinct (character span, score) pairs of one window.
+
+    Keeping only a window's ``n_best`` loses nothing: a span outside them is beaten by ``n_best``
+    other spans of the same window, which stay candidates of the example. Tokens with an empty span
+    (leading byte pieces, a lone word-start piece) neither start nor end a span: the span from the
+    next token has the same text, without leading whitespace.
+    """
+    offsets = feature.offsets
+    context = np.flatnonzero(offsets[:, 1] > offsets[:, 0])  # context tokens with text (others are -1, -1)
     if len(context) == 0:
         return []
-    best_starts = context[np.argsort(-starts[context], kind="stable")[:n_best]]
-    best_ends = context[np.argsort(-ends[context], kind="stable")[:n_best]]
-    spans = []
-    for first in best_starts:
-        for last in best_ends:
-            if last < first or last - first + 1 > max_answer_len:
-                continue
-            char_start, char_end = feature.offsets[first][0], feature.offsets[last][1]
-            if char_end > char_start:  # a span of empty-span tokens only has no text
-                spans.append(((char_start, char_end), float(starts[first] + ends[last])))
-    return spans
+    best_starts = context[np.argsort(-starts[context], kind="stable")[:n_best]]  # (S,)
+    best_ends = context[np.argsort(-ends[context], kind="stable")[:n_best]]  # (E,)
+    first, last = best_starts[:, None], best_ends[None, :]  # (S, 1), (1, E)
+    valid = (last >= first) & (last - first < max_answer_len)  # (S, E)
+    scores = starts[best_starts][:, None] + ends[best_ends][None, :]  # (S, E)
+    rows, cols = np.nonzero(valid)
+    order = np.argsort(-scores[rows, cols], kind="stable")
+    rows, cols = rows[order], cols[order]
+    char_starts = offsets[best_starts[rows], 0]
+    char_ends = offsets[best_ends[cols], 1]
+    # distinct character spans (tokens can share one, e.g. the byte pieces of a character), best first
+    _, first_seen = np.unique(
+        char_starts * (int(char_ends.max(initial=0)) + 1) + char_ends, return_index=True
+    )
+    keep = np.sort(first_seen)[:n_best]
+    return [
+        ((a, b), score)
+        for a, b, score in zip(
+            char_starts[keep].tolist(),
+            char_ends[keep].tolist(),
+            scores[rows[keep], cols[keep]].tolist(),
+            strict=True,
+        )
+    ]
