@@ -157,6 +157,20 @@ class Tokenizer:
         """Token ids of each text (no bos/eos), encoded by sentencepiece's thread pool."""
         return self._sp.encode(list(texts), num_threads=self.num_threads)
 
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Token ids of each text (no bos/eos) and the character span ``(start, end)`` of each piece in it.
+
+        The spans are the ``begin``/``end`` of each piece in sentencepiece's ``SentencePieceText`` proto,
+        converted to character offsets by sentencepiece itself (``out_type="offset_mapping"``; the
+        installed sentencepiece 0.2.3 no longer offers immutable protos). They point into the ORIGINAL
+        text, through normalisation: a ``"▁word"`` piece spans the whitespace before the word too;
+        consecutive spans touch (``end == next start``) from the first non-whitespace character to the
+        end of the last piece; the leading pieces of a character split into byte pieces have empty
+        spans (``start == end``) and its last byte piece spans the character.
+        """
+        encoded = self._sp.encode(list(texts), out_type="offset_mapping", num_threads=self.num_threads)
+        return [(list(row["ids"]), [tuple(span) for span in row["offsets"]]) for row in encoded]
+
     def decode(self, ids: list[int] | np.ndarray) -> str:
         """The text for ``ids``; control tokens (pad, bos, eos) decode to nothing."""
         return self._sp.decode([int(i) for i in ids])
