@@ -17,6 +17,14 @@ from lmexp.models.gpt import GPTConfig
 MAX_SEQ_LEN = 64
 
 
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep ``datasets``' default cache (where it puts lock files even when given a cache_dir) in tmp."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf-datasets")
+
+
 @pytest.fixture(scope="session")
 def grammar():
     return build_grammar(GrammarConfig())
