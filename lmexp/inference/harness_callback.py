@@ -24,7 +24,7 @@ class HarnessCallback(Callback):
     the current step and stay in :attr:`history` (``{step: metrics}``).
 
     Args:
-        tasks: lm-eval task names, or names defined under ``include_path``.
+        tasks: lm-eval task names, or names defined under ``include_path``; None or [] = off.
         every_n_train_steps: evaluate after every this many optimizer steps.
         include_path: a directory of task YAML files.
         limit: examples per task (a fraction if < 1); None = all. Keep it small: it runs inside training.
@@ -55,11 +55,13 @@ class HarnessCallback(Callback):
             problems.append(f"{KEY}.every_n_train_steps={every_n_train_steps!r}: expected an integer >= 1")
         elif every_n_train_steps < 1:
             problems.append(f"{KEY}.every_n_train_steps={every_n_train_steps}: expected an integer >= 1")
-        if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
-            problems.append(f"{KEY}.tasks={tasks!r}: expected a non-empty list of task names")
+        if tasks is not None and (isinstance(tasks, str) or not isinstance(tasks, Sequence)):
+            problems.append(f"{KEY}.tasks={tasks!r}: expected a list of task names, e.g. [hellaswag]")
         if problems:
             raise ConfigError(problems)
-        self.tasks = [str(task) for task in tasks]  # a Hydra ListConfig becomes a list
+        # A Hydra ListConfig becomes a list; none (null or []) turns the callback off, so a config can
+        # always carry it and a run switches it on with callbacks.harness.tasks=[...].
+        self.tasks = [str(task) for task in tasks or []]
         self.every_n_train_steps = every_n_train_steps
         self.include_path = include_path
         self.limit, self.num_fewshot, self.seed = limit, num_fewshot, seed
@@ -70,7 +72,7 @@ class HarnessCallback(Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Fail before training: an unknown task name, or weights sharded across ranks."""
-        if stage != "fit":
+        if stage != "fit" or not self.tasks:
             return
         if "FSDP" in type(trainer.strategy).__name__:
             raise ConfigError(
@@ -86,6 +88,8 @@ class HarnessCallback(Callback):
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        if not self.tasks:
+            return
         # With gradient accumulation this hook runs per micro-batch; evaluate once per optimizer step.
         if step == 0 or step % self.every_n_train_steps or step == self._last_step:
             return

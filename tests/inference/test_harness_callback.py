@@ -17,8 +17,25 @@ def test_settings_are_checked():
         ConfigError, match="callbacks.harness.every_n_train_steps=0: expected an integer >= 1"
     ):
         HarnessCallback(tasks=["x"], every_n_train_steps=0)
-    with pytest.raises(ConfigError, match="callbacks.harness.tasks=\\[\\]: expected a non-empty list"):
-        HarnessCallback(tasks=[], every_n_train_steps=5)
+    with pytest.raises(
+        ConfigError, match="callbacks.harness.tasks='hellaswag': expected a list of task names"
+    ):
+        HarnessCallback(tasks="hellaswag", every_n_train_steps=5)
+    assert HarnessCallback(tasks=None, every_n_train_steps=5).tasks == []  # off
+
+
+class _Trainer:
+    """Only what the callback reads when it is off."""
+
+    global_step = 5
+    is_global_zero = True
+
+
+def test_without_tasks_the_callback_does_nothing():
+    callback = HarnessCallback(tasks=[], every_n_train_steps=5)
+    callback.setup(_Trainer(), None, "fit")  # would index tasks (and fail without a model) if it were on
+    callback.on_train_batch_end(_Trainer(), None, None, None, 0)
+    assert callback.history == {}
 
 
 @pytest.mark.slow  # two short training runs
