@@ -4,7 +4,7 @@ Each example is the start of a sentence, its subject noun phrase, and two contin
 the plural form of one intransitive verb. The grammatical one agrees with the subject's head noun
 ("The dog" -> "runs", "The dogs" -> "run"). Half of the subjects carry a relative clause whose object has
 the other number ("The dog that sees the cats" -> "runs"), an attractor a model that only looks at the
-nearest noun gets wrong. A model trained on the corpus should score well above the 50% of chance.
+nearest noun gets wrong. Labels are balanced, so chance (and always preferring one form) scores 50%.
 
 :func:`write_agreement_task` writes the examples as JSON lines plus an lm-eval task YAML that reads them
 with the ``json`` loader, so ``run_harness(lm, ["lmexp_agreement"], include_path=directory)`` needs no

@@ -512,7 +512,9 @@ def run_harness(
     Args:
         lm: an ``lm_eval.api.model.LM``, e.g. a :class:`HarnessLM`.
         tasks: lm-eval task, group or tag names, or names defined by the YAML files under ``include_path``.
-        include_path: a directory of task YAML files (searched before lm-eval's built-in tasks).
+        include_path: a directory of task YAML files, searched recursively; its tasks take precedence over
+            lm-eval's built-in ones of the same name. A name defined twice under it is taken from the
+            first file in path order (lm-eval only warns), so keep names unique there.
         limit: examples per task (a fraction of each task if < 1); None = all.
         num_fewshot: examples shown before each question; None = each task's own setting (0 if unset).
         seed: seeds Python, numpy, torch and the few-shot sampler; the global random states are restored
