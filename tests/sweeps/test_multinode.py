@@ -24,6 +24,7 @@ from rank_probe import rank_probe_overrides, read_probes
 from sweep_helpers import lmexp_env, records, sweep_args
 
 from lmexp.checkpoints import load_checkpoint
+from lmexp.cli import external_rank
 from tests.conftest import REPO, TINY, make_config
 
 NODES = 2
@@ -57,18 +58,17 @@ def job_env(cluster, cache_dir: Path, home: Path) -> dict[str, str]:
     return lmexp_env(cache_dir, home, {"SLURM_CONF": cluster.env["SLURM_CONF"], "PYTHONPATH": path})
 
 
-def assert_two_nodes_joined(probes: dict[int, dict], rank_zero_wrote_hydra: bool = True) -> None:
-    """Global ranks 0 and 1 on node ranks 0 and 1, on hosts node1 and node2, both from SLURM."""
+def assert_two_nodes_joined(probes: dict[int, dict], environment: str = "SLURMEnvironment") -> None:
+    """Global ranks 0 and 1 on node ranks 0 and 1, on hosts node1 and node2; only rank 0 wrote .hydra/."""
     assert sorted(probes) == [0, 1], probes
     for rank, host in ((0, "node1"), (1, "node2")):
         probe = probes[rank]
-        assert probe["environment"] == "SLURMEnvironment"
+        assert probe["environment"] == environment
         assert probe["hostname"] == host
         assert (probe["node_rank"], probe["local_rank"], probe["world_size"]) == (rank, 0, NODES)
-        assert probe["slurm_procid"] == str(rank)
-        assert probe["main_address"] == "node1"  # the first host of SLURM_NODELIST, resolved on each host
-    assert probes[1]["output_subdir"] is None  # rank 1 did not write .hydra/
-    assert (probes[0]["output_subdir"] is not None) == rank_zero_wrote_hydra
+        assert probe["slurm_procid"] == (str(rank) if environment == "SLURMEnvironment" else None)
+        assert probe["main_address"] == "node1"  # SLURM: the first host of SLURM_NODELIST
+    assert probes[0]["output_subdir"] == ".hydra" and probes[1]["output_subdir"] is None
 
 
 def assert_rank_zero_outputs(run_dir: Path) -> None:
@@ -135,3 +135,49 @@ def test_the_slurm_launcher_runs_a_point_on_two_nodes(slurm_multinode, single_pr
     assert list(point) == [0] and point[0]["status"] == "finished"
     assert_rank_zero_outputs(sweep_dir / "0")
     assert_same_as_single_process(sweep_dir / "0", single_process)
+
+
+@pytest.mark.slow  # a cluster and two training processes
+def test_lightning_variables_train_across_two_hosts_like_one_process(
+    slurm_multinode, single_process, cache_dir, tmp_path
+):
+    # No scheduler: one command per host with Lightning's own variables (its "general purpose cluster"),
+    # on the cluster's two hosts. Only node1's process is global rank 0.
+    run_dir, probes = tmp_path / "run", tmp_path / "probes"
+    train = [sys.executable, "-m", "lmexp.train", *TINY, WHOLE_VAL, *TWO_NODES, f"hydra.run.dir={run_dir}"]
+    env = job_env(slurm_multinode, cache_dir, tmp_path / "wandb-home")
+    env |= {"MASTER_ADDR": "node1", "MASTER_PORT": "29500", "WORLD_SIZE": str(NODES)}
+    processes = [
+        subprocess.Popen(
+            [*slurm_multinode.hosts[host].enter(), *train, *rank_probe_overrides(probes)],
+            cwd=tmp_path,
+            env=env | {"NODE_RANK": str(node_rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for node_rank, host in enumerate(("node1", "node2"))
+    ]
+    try:
+        outputs = [process.communicate(timeout=400)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert_two_nodes_joined(read_probes(probes), environment="LightningEnvironment")
+    assert_rank_zero_outputs(run_dir)
+    assert_same_as_single_process(run_dir, single_process)
+
+
+def test_external_rank_of_a_node_started_with_lightning_variables(monkeypatch):
+    for name in ("RANK", "SLURM_PROCID", "SLURM_NTASKS", "LMEXP_RANK_CONFIG", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NODE_RANK", "0")
+    assert external_rank() == 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert external_rank() == 1
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert external_rank() > 0  # not rank 0: writes no .hydra/, log file, CSV or W&B run
+    monkeypatch.setenv("RANK", "3")  # torchrun's exact global rank comes first
+    assert external_rank() == 3
