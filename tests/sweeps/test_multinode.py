@@ -4,6 +4,8 @@ The cluster (``slurm_multinode``, tests/sweeps/slurm_cluster.py) is two hosts on
 its own network, UTS and mount namespaces, so SLURM, Lightning and gloo see two hosts: rank 1 on node2
 reaches rank 0 only at node1's address, found by the name Lightning takes from SLURM_NODELIST. A Hydra
 callback (tests/sweeps/rank_probe.py) records in each rank what Lightning's strategy read from SLURM.
+The same two hosts also run the job without a scheduler, one command per host with Lightning's own
+variables (NODE_RANK, WORLD_SIZE, MASTER_ADDR).
 
 Each run is compared with one process training on the same global batch (2 x 8): the same data in the
 same order, gradients averaged instead of summed over one batch, so the same metrics and weights up to
