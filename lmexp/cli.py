@@ -80,6 +80,7 @@ def guarded(task: Callable[..., T]) -> Callable[..., T]:
         sys.stderr.write(_release_stderr())
         if external_rank() > 0:
             _drop_log_files()
+            _not_rank_zero(external_rank())
         try:
             return task(*args, **kwargs)
         except UserError as error:
@@ -138,7 +139,12 @@ def run_cli(main: Callable[..., Any]) -> None:
 
 # ----------------------------------------------------------------------------------------- ranks
 def external_rank() -> int:
-    """This process's global rank when a cluster started it (srun, torchrun); 0 otherwise."""
+    """This process's global rank when a cluster started it (srun, torchrun); 0 otherwise.
+
+    A process started per node with Lightning's own variables (``NODE_RANK``, optionally ``LOCAL_RANK``)
+    gets ``NODE_RANK + LOCAL_RANK``: the processes per node are not known before the config, so this is
+    not its global rank, but it is 0 exactly for global rank 0, which is what callers ask.
+    """
     if os.environ.get(RANK_CONFIG_ENV):
         return int(os.environ.get("LOCAL_RANK", "0"))
     for name in ("RANK", "SLURM_PROCID"):
@@ -146,7 +152,22 @@ def external_rank() -> int:
             continue  # a one-task SLURM job (e.g. sbatch around a single process) has no other ranks
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
+    if os.environ.get("NODE_RANK", "").isdigit():
+        local_rank = os.environ.get("LOCAL_RANK", "")
+        return int(os.environ["NODE_RANK"]) + (int(local_rank) if local_rank.isdigit() else 0)
     return 0
+
+
+def _not_rank_zero(rank: int) -> None:
+    """Tell Lightning's ``rank_zero_only`` that this process is not rank 0 before its Trainer does.
+
+    lmexp builds its loggers (W&B, CSV) before the Trainer, and Lightning's import-time guess reads
+    RANK, LOCAL_RANK and SLURM_PROCID but not NODE_RANK: on node 1 of a NODE_RANK launch, they would
+    log as rank 0. Lightning sets the exact rank when its strategy starts.
+    """
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    rank_zero_only.rank = rank
 
 
 def _drop_log_files() -> None:

@@ -116,7 +116,7 @@ def kv_cache_generate(model: torch.nn.Module, vocab_size: int, eos_id: int | Non
     lmexp's models take no attention mask, so prompts of different lengths are not batched. Samples come
     from torch's global generator, which :func:`run_harness` seeds.
     """
-    from lmexp.generate import next_tokens, stepper
+    from lmexp.inference.generate import next_tokens, stepper
 
     def generate(
         prompt_ids: list[int],

@@ -52,7 +52,7 @@ def gpt(sp_tokenizer):
 @pytest.fixture(scope="session")
 def hf_tokenizer(sp_tokenizer):
     """lmexp's sentencepiece model as a transformers PreTrainedTokenizerFast (lmexp's exporter, offline)."""
-    from lmexp.export import hf_tokenizer as exported
+    from lmexp.inference.export import hf_tokenizer as exported
 
     return exported(sp_tokenizer.path, bert=False, max_length=MAX_SEQ_LEN)
 

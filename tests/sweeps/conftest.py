@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra.core.hydra_config import HydraConfig
 
-from tests.sweeps.slurm_cluster import ClusterUnavailable, start_cluster
+from tests.sweeps.slurm_cluster import ClusterUnavailable, start_cluster, start_multinode_cluster
 from tests.sweeps.sweep_helpers import lmexp_env
 
 
@@ -29,6 +29,20 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
         cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
     except (ClusterUnavailable, OSError, subprocess.SubprocessError) as error:
         pytest.skip(f"no SLURM cluster on this machine: {error}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_multinode(tmp_path_factory: pytest.TempPathFactory):
+    """A SLURM cluster of two hosts (node1, node2) and a head host, each in its own namespaces, for the
+    module's tests; skips when it cannot start here. Clients run on the head: ``cluster.command(...)``."""
+    try:
+        cluster = start_multinode_cluster(tmp_path_factory.mktemp("slurm-multinode"), nodes=2)
+    except (ClusterUnavailable, OSError, subprocess.SubprocessError) as error:
+        pytest.skip(f"no multi-node SLURM cluster on this machine: {error}")
     try:
         yield cluster
     finally:
