@@ -246,16 +246,19 @@ def fingerprint(spec: SourceSpec) -> dict[str, Any]:
     return {"spec": spec.content_dict(), "files": stats}
 
 
-def _local_data_files(data_files: Any) -> list[Path]:
-    """The local files a ``data_files`` value names (globs expanded); remote ones are left out."""
+def _data_file_entries(data_files: Any) -> list[str]:
+    """The paths or globs of a ``data_files`` value (a string, a list, or a dict of split -> either)."""
     if data_files is None:
         return []
     if isinstance(data_files, dict):
-        values = [v for value in data_files.values() for v in ([value] if isinstance(value, str) else value)]
-    else:
-        values = [data_files] if isinstance(data_files, str) else list(data_files)
+        return [v for value in data_files.values() for v in ([value] if isinstance(value, str) else value)]
+    return [data_files] if isinstance(data_files, str) else list(data_files)
+
+
+def _local_data_files(data_files: Any) -> list[Path]:
+    """The local files a ``data_files`` value names (globs expanded); remote ones are left out."""
     found = set()
-    for value in values:
+    for value in _data_file_entries(data_files):
         found.update(Path(m).resolve() for m in glob.glob(str(Path(value).expanduser())) if Path(m).is_file())
     return sorted(found)
 
@@ -407,6 +410,8 @@ def open_hf_dataset(spec: SourceSpec) -> Any:
             raise DataError(f"{spec.key}.path: {local} does not exist; expected a dataset directory or files")
         if not looks_local and path not in HF_PACKAGED_BUILDERS and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise DataError(f"{spec.key}.path: {path} is not a local dataset and HF_HUB_OFFLINE=1")
+        if path in HF_PACKAGED_BUILDERS:
+            _check_local_data_files(spec)
         try:
             dataset = datasets.load_dataset(
                 str(local) if looks_local else path,
@@ -417,13 +422,21 @@ def open_hf_dataset(spec: SourceSpec) -> Any:
                 streaming=spec.streaming,
                 cache_dir=spec.hf_cache_dir,
             )
-        except (FileNotFoundError, ValueError, ConnectionError, OSError, KeyError) as err:
+        except (ValueError, OSError, KeyError, RuntimeError) as err:  # OSError: also connection errors
             raise DataError(
                 f"{spec.key}.path: datasets.load_dataset({path!r}, split={spec.split!r}) failed: "
                 f"{_one_line(err)}"
             ) from None
     _check_hf_column(dataset, spec)
     return dataset
+
+
+def _check_local_data_files(spec: SourceSpec) -> None:
+    """A ``data_files`` entry that is a local path or glob must match a file (``datasets`` would fail
+    later with a less helpful message)."""
+    for value in _data_file_entries(spec.data_files):
+        if "://" not in value and not glob.glob(str(Path(value).expanduser())):
+            raise DataError(f"{spec.key}.data_files: {value} matches no files; expected local data files")
 
 
 def _from_disk(local: Path, spec: SourceSpec) -> Any:
