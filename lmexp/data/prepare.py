@@ -56,7 +56,6 @@ from lmexp.data.shards import (
     ShardInfo,
     ShardStream,
     ShardWriter,
-    remove_stale_temporaries,
     token_dtype,
     verify_shard,
 )
@@ -556,7 +555,6 @@ class _BuildContext:
         """Tokenize one unit into its shards and write its entry last."""
         start = time.perf_counter()
         prefix = f"u{unit.index:05d}."
-        remove_stale_temporaries(self.directory, prefix)
         writers = {
             split: ShardWriter(
                 self.directory, prefix + split, self.dtype, self.tokenizer.eos_id, unit.index == 0

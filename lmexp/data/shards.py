@@ -21,7 +21,7 @@ prediction target exactly once) the totals are exact, and the bytes of any token
 searches: the documents whose eos lies in the range. Summed NLL in bits over a split divided by its
 bytes is ``bpb``; the prediction of each closing eos belongs to its document.
 
-Every file is written under a temporary name, flushed to disk and renamed; the index entry
+Every file is written under a temporary name and renamed; the index entry
 (:class:`ShardInfo`) is written by the caller after that, so a shard with an entry is complete. The entry
 records sizes, counts and checksums that :func:`verify_shard` compares with the files.
 """
@@ -45,6 +45,7 @@ TOKENS_SUFFIX, DOCS_SUFFIX = ".bin", ".docs"
 _DOC_COLUMNS = 3  # closing-eos position, cumulative bytes, cumulative words
 _SAMPLE_WINDOWS, _SAMPLE_WINDOW_BYTES = 16, 4096
 _COPY_BYTES = 1 << 20
+_COPY_ROWS = 1 << 16  # doc-table rows rewritten at a time (1.5 MiB)
 _MAX_OPEN_SHARDS = 64  # memory maps kept open by a ShardStream (each holds a file descriptor)
 VERIFY_LEVELS = ("size", "sample", "full")
 
@@ -96,15 +97,15 @@ class ShardWriter:
     """Appends tokenized documents to one shard; :meth:`finish` puts the files in place.
 
     Temporary files have fixed names (``.<stem>.*.tmp``): only the holder of the unit's lock writes them,
-    and a build killed half-way leaves files that the next build of the unit simply overwrites.
+    and a build killed half-way leaves files that the next build of the unit overwrites. Files are not
+    fsync'ed: a killed process loses nothing the page cache holds, and after a power cut the size and
+    checksum checks on open (:func:`verify_shard`) find a torn shard, which preparation then rebuilds.
     """
 
     def __init__(self, directory: Path, stem: str, dtype: np.dtype, eos_id: int, leading_eos: bool) -> None:
         self.directory, self.stem, self.dtype, self.eos_id = Path(directory), stem, np.dtype(dtype), eos_id
-        self._tmp = {
-            name: self.directory / f".{stem}.{name}.tmp" for name in ("bin", "eos", "bytes", "words")
-        }
-        self._files = {name: open(path, "wb") for name, path in self._tmp.items()}
+        self._tmp = {name: self.directory / f".{stem}.{name}.tmp" for name in ("bin", "rows", "docs")}
+        self._tokens, self._rows = open(self._tmp["bin"], "wb"), open(self._tmp["rows"], "wb")
         self.n_tokens = self.n_documents = self.n_words = self.n_bytes = 0
         self._crc = 0
         if leading_eos:
@@ -112,7 +113,7 @@ class ShardWriter:
 
     def _write_tokens(self, tokens: np.ndarray) -> None:
         data = tokens.tobytes()
-        self._files["bin"].write(data)
+        self._tokens.write(data)
         self._crc = zlib.crc32(data, self._crc)
         self.n_tokens += len(tokens)
 
@@ -124,30 +125,20 @@ class ShardWriter:
         flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
         ends = np.cumsum(lengths)  # where each document's eos goes, before the eos are inserted
         tokens = np.insert(flat, ends, self.dtype.type(self.eos_id))
-        eos_positions = self.n_tokens + ends + np.arange(len(ids))  # each earlier eos shifts by one
-        cum_bytes = self.n_bytes + np.cumsum(np.asarray(n_bytes, dtype=np.int64))
-        cum_words = self.n_words + np.cumsum(np.asarray(n_words, dtype=np.int64))
+        rows = np.empty((len(ids), _DOC_COLUMNS), dtype=np.int64)
+        rows[:, 0] = self.n_tokens + ends + np.arange(len(ids))  # each earlier eos shifts a document by one
+        rows[:, 1] = self.n_bytes + np.cumsum(np.asarray(n_bytes, dtype=np.int64))
+        rows[:, 2] = self.n_words + np.cumsum(np.asarray(n_words, dtype=np.int64))
         self._write_tokens(tokens)
-        self._files["eos"].write(eos_positions.astype(np.int64).tobytes())
-        self._files["bytes"].write(cum_bytes.tobytes())
-        self._files["words"].write(cum_words.tobytes())
+        self._rows.write(rows.tobytes())
         self.n_documents += len(ids)
-        self.n_bytes, self.n_words = int(cum_bytes[-1]), int(cum_words[-1])
+        self.n_bytes, self.n_words = int(rows[-1, 1]), int(rows[-1, 2])
 
     def finish(self) -> ShardInfo:
-        """Flush to disk, rename into place (``<stem>.bin``, ``<stem>.docs``) and describe the shard."""
-        for handle in self._files.values():
-            handle.close()
-        docs_tmp = self.directory / f".{self.stem}.docs.tmp"
-        with open(docs_tmp, "wb") as out:  # the three columns one after another: int64[3, n]
-            for name in ("eos", "bytes", "words"):
-                with open(self._tmp[name], "rb") as column:
-                    while chunk := column.read(_COPY_BYTES):
-                        out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        with open(self._tmp["bin"], "rb+") as tokens:
-            os.fsync(tokens.fileno())
+        """Rename the files into place (``<stem>.bin``, ``<stem>.docs``) and describe the shard."""
+        self._tokens.close()
+        self._rows.close()
+        self._write_columns()
         info = ShardInfo(
             stem=self.stem,
             n_tokens=self.n_tokens,
@@ -156,24 +147,30 @@ class ShardWriter:
             n_bytes=self.n_bytes,
             dtype=self.dtype.name,
             crc32=self._crc,
-            sample_crc32=sample_checksum(self._tmp["bin"], docs_tmp),
+            sample_crc32=sample_checksum(self._tmp["bin"], self._tmp["docs"]),
         )
         os.replace(self._tmp["bin"], self.directory / info.tokens_file)
-        os.replace(docs_tmp, self.directory / info.docs_file)
-        self.abort()  # removes the column files
+        os.replace(self._tmp["docs"], self.directory / info.docs_file)
+        self._tmp["rows"].unlink(missing_ok=True)
         return info
+
+    def _write_columns(self) -> None:
+        """Rewrite the rows (one per document, appended while tokenizing) as three contiguous columns,
+        which binary searches need; one column at a time, in slices, so memory stays small."""
+        n = self.n_documents
+        rows = np.memmap(self._tmp["rows"], dtype=np.int64, mode="r", shape=(n, _DOC_COLUMNS)) if n else None
+        with open(self._tmp["docs"], "wb") as out:
+            for column in range(_DOC_COLUMNS):
+                for start in range(0, n, _COPY_ROWS):
+                    out.write(np.ascontiguousarray(rows[start : start + _COPY_ROWS, column]).tobytes())
+        del rows
 
     def abort(self) -> None:
         """Close and delete the temporary files (nothing in place is touched)."""
-        for name, handle in self._files.items():
-            handle.close()
-            self._tmp[name].unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(directory: Path, prefix: str) -> None:
-    """Delete temporary files of shards ``<prefix>*`` that a killed build left behind."""
-    for stale in Path(directory).glob(f".{prefix}*.tmp"):
-        stale.unlink(missing_ok=True)
+        self._tokens.close()
+        self._rows.close()
+        for path in self._tmp.values():
+            path.unlink(missing_ok=True)
 
 
 def sample_checksum(*paths: Path) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from lmexp.data.blocks import StreamBlocks
 from lmexp.data.packing import TokenBlocks
-from lmexp.data.shards import ShardStream, ShardWriter, remove_stale_temporaries, verify_shard
+from lmexp.data.shards import ShardStream, ShardWriter, verify_shard
 
 EOS = 3
 
@@ -144,12 +144,15 @@ def test_full_verify_reads_every_token(tmp_path: Path) -> None:
     assert "CRC-32" in verify_shard(tmp_path, info, EOS, "full")
 
 
-def test_stale_temporaries_of_a_killed_build_are_removed(tmp_path: Path) -> None:
+def test_a_rebuild_overwrites_the_temporaries_of_a_killed_build(tmp_path: Path) -> None:
     writer = ShardWriter(tmp_path, "u00004.val", np.dtype(np.uint16), EOS, leading_eos=False)
     writer.add([[5, 6]], [2], [1])  # then "killed": never finished
-    assert len(list(tmp_path.glob(".u00004.*.tmp"))) == 4
-    remove_stale_temporaries(tmp_path, "u00004.")
-    assert not list(tmp_path.iterdir())
+    assert len(list(tmp_path.glob(".u00004.*.tmp"))) == 2
+    again = ShardWriter(tmp_path, "u00004.val", np.dtype(np.uint16), EOS, leading_eos=False)
+    again.add([[7]], [1], [1])
+    info = again.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u00004.val.bin", "u00004.val.docs"]
+    assert ShardStream(tmp_path, [info])[:].tolist() == [7, EOS]
 
 
 def test_uint32_tokens_for_large_vocabularies(tmp_path: Path) -> None:
