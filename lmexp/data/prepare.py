@@ -309,15 +309,17 @@ def prepare_source(
     plan = plan_source(spec, cache_dir, config)
     directory = token_directory(plan, tokenizer_path, config)
     directory.mkdir(parents=True, exist_ok=True)
-    for attempt in range(2):
-        if (directory / INDEX_FILE).is_file() and attempt == 0:
-            try:
-                return open_prepared(spec, tokenizer_path, cache_dir, config)
-            except DataError as error:  # a damaged shard: rebuild its unit below
-                log.warning("%s; rebuilding the damaged units", error)
-                (directory / INDEX_FILE).unlink(missing_ok=True)
-        _discard_damaged(plan, directory, config.verify)
+    if (directory / INDEX_FILE).is_file():
+        try:
+            return open_prepared(spec, tokenizer_path, cache_dir, config)
+        except DataError as error:  # a damaged shard: its unit is rebuilt below
+            log.warning("%s; rebuilding the damaged units", error)
+            (directory / INDEX_FILE).unlink(missing_ok=True)
+    _discard_damaged(plan, directory, config.verify)
+    for _ in range(3):  # again if another process discarded a damaged unit meanwhile
         _run_workers(plan, directory, Path(tokenizer_path), config, rank, world_size)
+        if all(entry is not None for entry in _read_entries(plan, directory)):
+            break
     return _finish(plan, directory, Path(tokenizer_path), config)
 
 
@@ -526,7 +528,7 @@ def build_units(job: dict[str, Any]) -> list[int]:
                 continue
             lock = FileLock(str(directory / f"u{index:05d}.lock"))
             try:
-                lock.acquire(timeout=0 if progress or index != pending[0] else 0.2)
+                lock.acquire(timeout=0)  # held: someone is building it; come back later
             except Timeout:
                 continue
             try:
