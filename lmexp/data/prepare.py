@@ -80,7 +80,8 @@ MIN_UNIT_BYTES, MAX_UNIT_BYTES, TARGET_UNITS = 4 << 20, 256 << 20, 64
 
 @dataclass
 class PrepareConfig:
-    """How documents become token shards; every field but ``workers`` and ``verify`` is in a cache key."""
+    """How documents become token shards. ``splits``, ``split_seed`` and ``unit_bytes`` are part of the
+    cache keys; the other fields change how the work is done, not its result."""
 
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.9, "val": 0.05, "test": 0.05})
     """Fraction of documents per split (train, val, test), summing to 1."""
@@ -110,16 +111,10 @@ class PrepareConfig:
             found.append(f"{key}.splits: fractions sum to {sum(values):g}; expected 1")
         elif self.splits.get("train", 0) <= 0:
             found.append(f"{key}.splits.train must be > 0")
-        for name in ("unit_bytes", "workers"):
+        for name, minimum in (("unit_bytes", 0), ("workers", 0), ("chunk_bytes", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                found.append(f"{key}.{name}={value!r}: expected an integer >= 0")
-        if (
-            isinstance(self.chunk_bytes, bool)
-            or not isinstance(self.chunk_bytes, int)
-            or self.chunk_bytes < 1
-        ):
-            found.append(f"{key}.chunk_bytes={self.chunk_bytes!r}: expected an integer >= 1")
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                found.append(f"{key}.{name}={value!r}: expected an integer >= {minimum}")
         if self.verify not in VERIFY_LEVELS:
             found.append(f"{key}.verify={self.verify!r} is not one of {', '.join(VERIFY_LEVELS)}")
         return found
@@ -174,10 +169,13 @@ class SourcePlan:
     """A source cut into units, as stored in ``plan.json``."""
 
     spec: SourceSpec
+    """The source."""
     units: list[Unit]
+    """Its units of work, in document order."""
     key: str
     """The source key: the directory name under ``<cache_dir>/sources``."""
     directory: Path
+    """``<cache_dir>/sources/<key>``: the plan and, below it, one directory per tokenization."""
 
     @property
     def input_bytes(self) -> int:
@@ -242,7 +240,9 @@ class PreparedSource:
     entries: list[dict[str, Any]]
     """One index entry per unit: ``{"unit": ..., "shards": {split: ShardInfo dict}, ...}``."""
     eos_id: int
+    """The tokenizer's eos id, which ends every document in the streams."""
     vocab_size: int
+    """The tokenizer's vocabulary size (uint16 tokens up to 65,536, else uint32)."""
 
     @property
     def splits(self) -> list[str]:
@@ -250,6 +250,7 @@ class PreparedSource:
         return [s for s in SPLITS if any(s in entry["shards"] for entry in self.entries)]
 
     def shard_infos(self, split: str) -> list[ShardInfo]:
+        """The split's shards, in unit order."""
         return [ShardInfo.from_dict(e["shards"][split]) for e in self.entries if split in e["shards"]]
 
     def stream(self, split: str) -> ShardStream:
@@ -493,10 +494,12 @@ def _raise_worker_error(code: int, result_file: Path) -> None:
 
 # ----------------------------------------------------------------------------------------- workers
 def unit_order(n_units: int, rank: int, world: int, worker: int, n_workers: int) -> list[int]:
-    """The order in which one worker visits units: its process's units (``u % world == rank``) from its
-    own offset, then every other unit; each worker therefore starts on different units."""
+    """The order in which one worker visits units: its share of its process's units (``u % world ==
+    rank``, every ``n_workers``-th), the rest of them, then every other process's units from an offset
+    of its own; so workers and processes start on different units and meet only to take over work."""
     own = [u for u in range(n_units) if u % world == rank]
-    own = own[worker:] + own[:worker] if own else own
+    mine = own[worker::n_workers]  # this worker's share of its process's units, then the rest of them
+    own = mine + [u for u in own if u not in set(mine)]
     start = (rank * n_workers + worker) * max(1, n_units // max(1, world * n_workers))
     others = [u for u in range(n_units) if u % world != rank]
     others = others[start % len(others) :] + others[: start % len(others)] if others else others
@@ -507,7 +510,7 @@ def build_units(job: dict[str, Any]) -> list[int]:
     """A worker's loop: build every unit that has no entry, each under its lock; returns those built.
 
     Units whose lock is held by another builder are skipped and revisited; when only such units are
-    left, the worker waits on one of them, so it returns only once every unit has an entry.
+    left, the worker polls them every 0.1 s, so it returns only once every unit has an entry.
     """
     from lmexp.data.tokenizer import Tokenizer
 

@@ -293,7 +293,9 @@ def _plan_plain(path: Path, fmt: str, unit_bytes: int) -> list[Unit]:
     with open(path, "rb") as handle:
         for k in range(1, n_pieces):
             cut = _next_boundary(handle, max(cuts[-1], k * size // n_pieces), size, fmt)
-            if cut < size and cut > cuts[-1]:
+            if cut >= size:
+                break  # no document starts after this point: the rest is one unit (and is scanned once)
+            if cut > cuts[-1]:
                 cuts.append(cut)
     cuts.append(size)
     return [Unit(0, fmt, str(path), a, b, None, b - a) for a, b in zip(cuts, cuts[1:], strict=False)]

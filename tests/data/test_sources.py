@@ -51,6 +51,12 @@ def write_txt_bytes(docs: list[str]) -> bytes:
     return ("\n\n".join(docs) + "\n").encode()
 
 
+def test_a_file_without_blank_lines_is_one_unit(tmp_path: Path) -> None:
+    path = tmp_path / "one.txt"
+    path.write_text("word " * 20_000 + "\n" + "more words\n" * 2000)
+    assert len(plan_units(SourceSpec("o", str(path)), unit_bytes=100)) == 1  # no cut point: no split
+
+
 def test_jsonl_in_many_units_and_a_custom_field(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "c.jsonl", DOCUMENTS, field="body")
     with path.open("a") as handle:
