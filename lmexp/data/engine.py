@@ -47,14 +47,15 @@ class PreparedCorpus:
         }
 
     def evaluation(self, split: str, block_size: int) -> Any:
-        """All sources' blocks of ``split`` as one :class:`~lmexp.data.mixture.MixtureDataset`, in order
-        (each item's ``source`` says which; for ``val/<source>/loss``)."""
+        """All sources' blocks of ``split`` as one :class:`~lmexp.data.mixture.MixtureDataset`, in order;
+        each item's ``source`` is its source's position in :attr:`names` (for ``val/<source>/loss``)."""
         from lmexp.data.mixture import MixtureDataset
 
         blocks = self.blocks(split, block_size)
         if not blocks:
             raise DataError(f"no source has a {split} split")
-        return MixtureDataset(list(blocks.values()), list(blocks))
+        ids = [self.names.index(name) for name in blocks]
+        return MixtureDataset(list(blocks.values()), list(blocks), ids)
 
     def training(self, block_size: int, seed: int, rank: int = 0, world_size: int = 1) -> tuple[Any, Any]:
         """The train split's :class:`MixtureDataset` and its weighted :class:`MixtureSampler`."""

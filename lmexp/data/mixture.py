@@ -25,12 +25,17 @@ _CHUNK_DRAWS = 8192  # draws generated at once; one generator per chunk, seeded 
 
 
 class MixtureDataset(Dataset):
-    """Several map-style datasets as one; items gain ``source`` (the position of their dataset)."""
+    """Several map-style datasets as one; items gain ``source``: ``source_ids[k]`` for the k-th dataset
+    (default k). Give every split's mixture the same ids (e.g. positions in the corpus's list of sources)
+    when some source lacks a split, so that an id means the same source everywhere."""
 
-    def __init__(self, datasets: Sequence[Dataset], names: Sequence[str]) -> None:
+    def __init__(
+        self, datasets: Sequence[Dataset], names: Sequence[str], source_ids: Sequence[int] | None = None
+    ) -> None:
         if len(datasets) != len(names) or not datasets:
             raise ConfigError("a mixture needs one name per dataset and at least one dataset")
         self.datasets, self.names = list(datasets), list(names)
+        self.source_ids = list(range(len(datasets)) if source_ids is None else source_ids)
         self.sizes = [len(dataset) for dataset in self.datasets]
         self.offsets = np.cumsum([0, *self.sizes]).astype(np.int64)
 
@@ -47,7 +52,7 @@ class MixtureDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         source, local = self.locate(int(index))
         item = dict(self.datasets[source][local])
-        item["source"] = torch.tensor(source, dtype=torch.int64)
+        item["source"] = torch.tensor(self.source_ids[source], dtype=torch.int64)
         return item
 
 

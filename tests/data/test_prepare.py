@@ -180,6 +180,14 @@ def test_prepare_corpus_trains_a_sampled_tokenizer_and_mixes_sources(tmp_path) -
     assert sum(t["n_bytes"] for t in corpus.totals("val").values()) == sum(
         len(d.encode()) for d in split_documents(DOCUMENTS)["val"]
     )
+    held_out = SourceSpec("held", str(write_jsonl(tmp_path / "h.jsonl", DOCUMENTS[:30])), assign_split="val")
+    with_held_out = prepare_corpus(
+        [held_out, web], TokenizerConfig(vocab_size=400), tmp_path / "cache", config
+    )
+    train_items, _ = with_held_out.training(block_size=32, seed=0)
+    assert int(train_items[0]["source"]) == 1  # web's position among all sources, in every split
+    val_items = with_held_out.evaluation("val", block_size=32)
+    assert {int(val_items[i]["source"]) for i in range(len(val_items))} == {0, 1}
     reopened = prepare_corpus(
         [web, books], TokenizerConfig(vocab_size=400), tmp_path / "cache", config, build=False
     )
