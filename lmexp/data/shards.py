@@ -256,7 +256,8 @@ class ShardStream:
         self._doc_starts = np.cumsum([0] + [s.n_documents for s in self.shards]).astype(np.int64)
         self._byte_starts = np.cumsum([0] + [s.n_bytes for s in self.shards]).astype(np.int64)
         self._word_starts = np.cumsum([0] + [s.n_words for s in self.shards]).astype(np.int64)
-        self._open: OrderedDict[int, tuple[np.memmap, np.memmap | None]] = OrderedDict()
+        # per open shard: its tokens and doc table as plain ndarray views of their memory maps
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
 
     # ------------------------------------------------------------------------------- totals
     def __len__(self) -> int:
@@ -275,7 +276,7 @@ class ShardStream:
         return int(self._word_starts[-1])
 
     # ------------------------------------------------------------------------------- tokens
-    def _maps(self, index: int) -> tuple[np.memmap, np.memmap | None]:
+    def _maps(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         if index in self._open:
             self._open.move_to_end(index)
             return self._open[index]
@@ -287,10 +288,11 @@ class ShardStream:
         if shard.n_documents:
             docs_path = self.directory / shard.docs_file
             docs = np.memmap(docs_path, dtype=np.int64, mode="r", shape=(_DOC_COLUMNS, shard.n_documents))
-        self._open[index] = (tokens, docs)
+        # np.asarray: the same memory without np.memmap's per-index overhead (the maps stay open)
+        self._open[index] = (np.asarray(tokens), None if docs is None else np.asarray(docs))
         if len(self._open) > _MAX_OPEN_SHARDS:
             self._open.popitem(last=False)
-        return tokens, docs
+        return self._open[index]
 
     def __getitem__(self, key: int | slice) -> Any:
         if isinstance(key, slice):
@@ -310,15 +312,14 @@ class ShardStream:
         start, stop = max(0, start), min(stop, len(self))
         if stop <= start:
             return np.empty(0, dtype=self.dtype)
-        first = int(np.searchsorted(self._token_starts, start, side="right")) - 1
+        index = int(self._token_starts.searchsorted(start, side="right")) - 1
         pieces = []
-        index = first
         while index < len(self.shards) and self._token_starts[index] < stop:
             offset = int(self._token_starts[index])
             tokens, _ = self._maps(index)
             pieces.append(tokens[max(0, start - offset) : stop - offset])
             index += 1
-        return np.asarray(pieces[0]) if len(pieces) == 1 else np.concatenate(pieces)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     # ---------------------------------------------------------------------- bytes and words
     def documents_before(self, position: int) -> tuple[int, int, int]:
@@ -327,12 +328,12 @@ class ShardStream:
             return 0, 0, 0
         if position >= len(self):
             return self.n_documents, self.n_bytes, self.n_words
-        index = int(np.searchsorted(self._token_starts, position, side="right")) - 1
+        index = int(self._token_starts.searchsorted(position, side="right")) - 1
         _, docs = self._maps(index)
         before = int(self._doc_starts[index]), int(self._byte_starts[index]), int(self._word_starts[index])
         if docs is None:
             return before
-        k = int(np.searchsorted(docs[0], position - self._token_starts[index], side="left"))
+        k = int(docs[0].searchsorted(position - self._token_starts[index], side="left"))
         if k == 0:
             return before
         return before[0] + k, before[1] + int(docs[1, k - 1]), before[2] + int(docs[2, k - 1])
