@@ -45,8 +45,9 @@ class SampleConfig:
 
     max_lines: int = 1_000_000
     """At most this many lines."""
-    max_bytes: int = 200 << 20
-    """At most this many UTF-8 bytes of lines in total (sentencepiece's memory is a few times this)."""
+    max_bytes: int = 100 << 20
+    """At most this many UTF-8 bytes of lines in total (the sample's own memory is about 2x this, and
+    sentencepiece's training a few times more)."""
     max_read_bytes: int = 2 << 30
     """Read at most this many input bytes (whole units, evenly spaced); 0: read everything."""
     seed: int = 0
