@@ -90,7 +90,7 @@ def corpus_file(megabytes: int, documents: list[str]) -> Path:
 def tokenizer_files(documents: list[str], vocab_size: int, directory: Path) -> tuple[Path, Path]:
     """lmexp's sentencepiece model trained on 200,000 of the documents, and the same as an HF tokenizer."""
     from lmexp.data.tokenizer import TokenizerConfig, train_or_load_tokenizer
-    from lmexp.export import hf_tokenizer
+    from lmexp.inference.export import hf_tokenizer
 
     tokenizer = train_or_load_tokenizer(
         documents[:200_000],

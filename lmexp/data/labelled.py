@@ -52,15 +52,15 @@ class Record:
 
 def read_records(path: Path, key: str, example_format: str, file_format: str, fields: dict[str, str]) -> list:
     """The examples of one file; ``fields`` maps ``text``/``label``/``tokens``/``tags`` to field names."""
-    text = _read_text(path, key)
+    text = read_labelled_text(path, key)
     if file_format == "conll":
         return _conll_records(text, path, key)
     if example_format == "classify":
-        return [_classify_record(row, line, path, key, fields) for line, row in _jsonl_rows(text, path, key)]
-    return [_ner_record(row, line, path, key, fields) for line, row in _jsonl_rows(text, path, key)]
+        return [_classify_record(row, line, path, key, fields) for line, row in jsonl_rows(text, path, key)]
+    return [_ner_record(row, line, path, key, fields) for line, row in jsonl_rows(text, path, key)]
 
 
-def _read_text(path: Path, key: str) -> str:
+def read_labelled_text(path: Path, key: str) -> str:
     if not path.is_file():
         raise DataError(f"{key}: {path} does not exist; expected a labelled data file")
     try:
@@ -71,7 +71,7 @@ def _read_text(path: Path, key: str) -> str:
         ) from None
 
 
-def _jsonl_rows(text: str, path: Path, key: str) -> list[tuple[int, dict]]:
+def jsonl_rows(text: str, path: Path, key: str) -> list[tuple[int, dict]]:
     rows = []
     for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lmexp.data.labelled import _jsonl_rows, _read_text
+from lmexp.data.labelled import jsonl_rows, read_labelled_text
 from lmexp.data.packing import IGNORE_INDEX
 from lmexp.data.text_tokenizer import Span, TextTokenizer, has_chat_template
 from lmexp.errors import ConfigError, DataError
@@ -92,8 +92,8 @@ class SFTRecord:
 def read_sft(path: str | Path, key: str = "data.train_path") -> list[SFTRecord]:
     """The rows of a JSON-lines file of ``prompt``/``completion`` or ``messages`` rows (may be mixed)."""
     path = Path(path).expanduser()
-    text = _read_text(path, key)
-    records = [_record(row, f"{key}: {path} line {line}") for line, row in _jsonl_rows(text, path, key)]
+    text = read_labelled_text(path, key)
+    records = [_record(row, f"{key}: {path} line {line}") for line, row in jsonl_rows(text, path, key)]
     if not records:
         raise DataError(f"{key}: {path} has no rows; expected prompt/completion or messages rows")
     return records

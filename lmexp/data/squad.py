@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lmexp.data.labelled import _jsonl_rows, _read_text
+from lmexp.data.labelled import jsonl_rows, read_labelled_text
 from lmexp.data.text_tokenizer import Span, TextTokenizer
 from lmexp.errors import ConfigError, DataError
 
@@ -92,10 +92,10 @@ def read_squad(path: str | Path, key: str = "data.train_path") -> list[QAExample
         raise DataError(
             f"{key}: {path} has suffix {path.suffix!r}; expected .json (SQuAD) or .jsonl (a question a line)"
         )
-    text = _read_text(path, key)
+    text = read_labelled_text(path, key)
     if path.suffix == ".jsonl":
         examples = [
-            _jsonl_example(row, f"{key}: {path} line {line}") for line, row in _jsonl_rows(text, path, key)
+            _jsonl_example(row, f"{key}: {path} line {line}") for line, row in jsonl_rows(text, path, key)
         ]
     else:
         examples = _squad_json_examples(text, path, key)
