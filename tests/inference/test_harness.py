@@ -8,13 +8,13 @@ import re
 
 import pytest
 import torch
-from inference.helpers import hand_greedy, hand_loglikelihood, requests, write_task
 
 from lmexp.errors import ConfigError
 from lmexp.inference.agreement import agreement_examples, write_agreement_task
 from lmexp.inference.evaluate import _score_stream
 from lmexp.inference.harness import HarnessLM, SentencePieceText, flat_metrics, run_harness, task_manager
 from lmexp.models.lstm import LSTMConfig
+from tests.inference.helpers import hand_greedy, hand_loglikelihood, requests, write_task
 
 
 def sp_ids(tokenizer, text: str) -> list[int]:
