@@ -66,13 +66,27 @@ def test_cpu_suite_runs_every_benchmark_once(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_gpu_suite_code_runs_on_the_cpu_in_smoke_mode(tmp_path, cache_dir):
-    # No GPU here: --smoke runs the GPU suite's code (full lmexp path under bf16-mixed, the HF loop) on
-    # the CPU with tiny sizes, so that the code a GPU session runs is known to work.
-    report = _bench(tmp_path, cache_dir, "--gpu")
-    assert set(report["results"]) == {"gpu/gpt", "gpu/bert"}
-    for result in report["results"].values():
-        assert result["values"]["lmexp_tokens_per_sec"] > 0 and result["values"]["hf_tokens_per_sec"] > 0
+def test_gpu_check_script_runs_on_the_cpu_in_smoke_mode(tmp_path, cache_dir):
+    # No GPU here: the device job's script with --smoke runs the same code (the full lmexp path under
+    # bf16-mixed against the HF loop for gpt, llama and bert; FSDP on one rank with its sharded checkpoint
+    # resumed and exported) on the CPU with tiny sizes, so device minutes are never spent on a typo.
+    out = tmp_path / "gpu"
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--smoke", str(out)],
+        env={**os.environ, "LMEXP_CACHE_DIR": str(cache_dir)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert set(report["results"]) == {"gpu/gpt", "gpu/llama", "gpu/bert", "gpu/fsdp"}
+    for name in ("gpu/gpt", "gpu/llama", "gpu/bert"):
+        values = report["results"][name]["values"]
+        assert values["lmexp_tokens_per_sec"] > 0 and values["hf_tokens_per_sec"] > 0
+    fsdp = report["results"]["gpu/fsdp"]["values"]
+    assert fsdp["sharded_checkpoint"] == 1 and fsdp["exported"] == 1 and fsdp["resumed_to_step"] > 4
+    assert "gpu_check:" in (out / "gpu_check.log").read_text()
 
 
 @pytest.mark.slow
