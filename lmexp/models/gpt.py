@@ -14,7 +14,6 @@ Shape legend: B = batch, T = sequence length, C = n_embd, V = padded vocabulary 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -26,9 +25,8 @@ from lmexp.errors import ConfigError
 from lmexp.models.config import ModelConfig, heads_problem
 from lmexp.models.document_mask import block_causal_mask, document_positions
 from lmexp.models.head_loss import HeadLoss, linear_cross_entropy
-from lmexp.models.layers import Block, KVCache, init_weights, last_token, scale_residual_projections
+from lmexp.models.layers import Block, CausalDecoder, KVCache, init_weights, scale_residual_projections
 
-Step = Callable[[torch.Tensor], torch.Tensor]  # new tokens (N, 1) -> their logits (N, V)
 INIT_STD = 0.02  # GPT-2's initializer_range
 MLP_RATIO = 4  # GPT-2's MLP width is 4 * n_embd; fixed so exported checkpoints load in HF
 
@@ -83,8 +81,11 @@ class GPTConfig(ModelConfig):
         return embeddings + self.n_layer * block + layer_norm + lm_head
 
 
-class GPT(nn.Module):
-    """Decoder-only transformer LM: token + learned position embeddings, pre-LN causal blocks, tied head."""
+class GPT(CausalDecoder):
+    """Decoder-only transformer LM: token + learned position embeddings, pre-LN causal blocks, tied head.
+
+    The backbone methods the tasks call (token_states, pool, start_generation, ...) are CausalDecoder's.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -189,33 +190,3 @@ class GPT(nn.Module):
     def new_kv_caches(self) -> list[KVCache]:
         """Empty key/value caches, one per block, for incremental decoding."""
         return [KVCache() for _ in self.blocks]
-
-    # ------------------------------------------------------------- the backbone contract (models/registry.py)
-    def token_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Final hidden states (B, T, C); causal, so padding on the right never reaches a real position."""
-        return self.hidden_states(input_ids)
-
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Sentence vectors (B, C): the last real token's state, which has seen the whole text."""
-        return last_token(hidden, attention_mask)
-
-    def drop_pretraining_heads(self, keep_pooler: bool) -> None:
-        """Remove the LM head a fine-tuned model never calls (a tied head is the embedding and stays)."""
-        if not self.config.tie_embeddings:
-            self.lm_head = None
-
-    def shard_units(self) -> list[nn.Module]:
-        """The modules FSDP shards one by one: the transformer blocks."""
-        return list(self.blocks)
-
-    def start_generation(self, prompt: torch.Tensor) -> tuple[torch.Tensor, Step]:
-        """Logits (N, V) after ``prompt`` (N, P), and a step that feeds new tokens (N, 1) through the KV
-        cache and returns their logits."""
-        caches = self.new_kv_caches()
-        return self(prompt, caches)[:, -1], lambda new: self(new, caches)[:, -1]
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Number of distinct parameters (a tied matrix counts once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -10,6 +10,8 @@ Shape legend: B = batch, T = sequence length, C = n_embd, H = n_head, D = C // H
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from torch import nn
 # is scaled down with depth (GPT-2 paper, section 2.3) so the residual stream's variance does not grow
 # with the number of layers; see :func:`scale_residual_projections`.
 RESIDUAL_PROJECTION_ATTR = "is_residual_projection"
+Step = Callable[[torch.Tensor], torch.Tensor]  # generation: new tokens (N, 1) -> their logits (N, V)
 
 
 def mark_residual_projection(linear: nn.Linear) -> nn.Linear:
@@ -259,3 +262,43 @@ def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tens
     ``attention_mask`` (B, T)."""
     last = attention_mask.sum(dim=1) - 1  # (B,) index of the last real token
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, C)
+
+
+class CausalDecoder(nn.Module):
+    """The backbone contract (lmexp/models/registry.py) of a transformer decoder whose blocks are
+    ``self.blocks``, with ``hidden_states(input_ids, kv_caches)``, ``new_kv_caches()`` and an ``lm_head``
+    (tied to the embedding when ``config.tie_embeddings``); lmexp's GPT and Llama share it."""
+
+    config: Any
+    blocks: nn.ModuleList
+
+    def token_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, C); causal, so padding on the right never reaches a real position."""
+        return self.hidden_states(input_ids)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence vectors (B, C): the last real token's state, which has seen the whole text."""
+        return last_token(hidden, attention_mask)
+
+    def drop_pretraining_heads(self, keep_pooler: bool) -> None:
+        """Remove the LM head a fine-tuned model never calls (a tied head is the embedding and stays)."""
+        if not self.config.tie_embeddings:
+            self.lm_head = None
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one: the blocks."""
+        return list(self.blocks)
+
+    def start_generation(
+        self, prompt: torch.Tensor
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Logits (N, V) after ``prompt`` (N, P), and a step that feeds new tokens (N, 1) through the KV
+        cache and returns their logits."""
+        caches = self.new_kv_caches()
+        return self(prompt, caches)[:, -1], lambda new: self(new, caches)[:, -1]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of distinct parameters (a tied matrix counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

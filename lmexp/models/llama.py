@@ -26,7 +26,6 @@ size), I = intermediate_size, V = padded vocabulary size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -40,14 +39,13 @@ from lmexp.models.config import ModelConfig, heads_problem
 from lmexp.models.document_mask import block_causal_mask, document_positions
 from lmexp.models.head_loss import HeadLoss, linear_cross_entropy
 from lmexp.models.layers import (
+    CausalDecoder,
     KVCache,
     init_weights,
-    last_token,
     mark_residual_projection,
     scale_residual_projections,
 )
 
-Step = Callable[[torch.Tensor], torch.Tensor]  # new tokens (N, 1) -> their logits (N, V)
 INIT_STD = 0.02  # as GPT-2 and Llama (initializer_range)
 
 
@@ -272,7 +270,7 @@ class LlamaBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ model
-class Llama(nn.Module):
+class Llama(CausalDecoder):
     """Decoder-only transformer LM: token embeddings, RoPE, pre-RMSNorm GQA + SwiGLU blocks, final norm."""
 
     def __init__(self, config: LlamaConfig) -> None:
@@ -365,33 +363,3 @@ class Llama(nn.Module):
     def new_kv_caches(self) -> list[KVCache]:
         """Empty key/value caches, one per block, for incremental decoding."""
         return [KVCache() for _ in self.blocks]
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Number of distinct parameters (a tied matrix counts once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-    # ------------------------------------------------------------- the backbone contract (models/registry.py)
-    def token_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Final hidden states (B, T, C); causal, so padding on the right never reaches a real position."""
-        return self.hidden_states(input_ids)
-
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Sentence vectors (B, C): the last real token's state, which has seen the whole text."""
-        return last_token(hidden, attention_mask)
-
-    def drop_pretraining_heads(self, keep_pooler: bool) -> None:
-        """Remove the LM head a fine-tuned model never calls (a tied head is the embedding and stays)."""
-        if not self.config.tie_embeddings:
-            self.lm_head = None
-
-    def shard_units(self) -> list[nn.Module]:
-        """The modules FSDP shards one by one: the decoder blocks."""
-        return list(self.blocks)
-
-    def start_generation(self, prompt: torch.Tensor) -> tuple[torch.Tensor, Step]:
-        """Logits (N, V) after ``prompt`` (N, P), and a step that feeds new tokens (N, 1) through the KV
-        cache and returns their logits."""
-        caches = self.new_kv_caches()
-        return self(prompt, caches)[:, -1], lambda new: self(new, caches)[:, -1]

@@ -10,7 +10,6 @@ Shape legend: B = batch, T = sequence length, E = n_embd, H = hidden_size, V = p
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -20,10 +19,9 @@ from torch import nn
 from lmexp.config.schema import between, positive
 from lmexp.models.config import ModelConfig
 from lmexp.models.head_loss import HeadLoss, linear_cross_entropy
-from lmexp.models.layers import init_weights, last_token
+from lmexp.models.layers import Step, init_weights, last_token
 
 LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (n_layer, B, H)
-Step = Callable[[torch.Tensor], torch.Tensor]  # new tokens (N, 1) -> their logits (N, V)
 INIT_STD = 0.02  # Linear layers (projection, untied head), as in the transformers
 # The tied embedding is both the LSTM's input and the output layer, which pull its scale apart: the LSTM's
 # default U(-1/sqrt(H), 1/sqrt(H)) weights want O(1) inputs (at 0.02 the gates barely see the tokens and a
