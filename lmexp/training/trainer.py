@@ -7,7 +7,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from lmexp.config.schema import Schema, at_least, listed, plain, positive, signature_problems
+from lmexp.config.schema import Schema, at_least, listed, positive, signature_problems
 from lmexp.training.precision import PrecisionName
 
 
@@ -108,10 +108,3 @@ def _trainer_arguments() -> frozenset[str]:
     import lightning.pytorch as pl
 
     return frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
-
-
-def trainer_config(node: Any) -> TrainerConfig:
-    """The trainer settings of a config node (see :func:`lmexp.config.schema.parse`)."""
-    from lmexp.config.schema import parse
-
-    return parse(TrainerConfig, plain(node))
