@@ -141,13 +141,22 @@ def budget_text(budget: float) -> str:
     return f"{budget:.6g}"
 
 
+def _shown(value: Any) -> str:
+    """A config value as the user would write it (numbers as 1e+12, not 1000000000000.0)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_shown(v) for v in value) + "]"
+    if isinstance(value, float):
+        return budget_text(value)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def ladder_budgets(cfg: DictConfig) -> list[float]:
     """``sweep.budgets`` as sorted FLOP counts; ConfigError when empty, non-positive or repeated."""
     raw = OmegaConf.select(cfg, "sweep.budgets")
     values = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else raw
     expected = "expected a non-empty list of positive FLOP counts, e.g. 'sweep.budgets=[1e12,3e12,1e13]'"
     if not isinstance(values, (list, tuple)) or not values:
-        raise ConfigError(f"sweep.budgets={values}: {expected}")
+        raise ConfigError(f"sweep.budgets={_shown(values)}: {expected}")
     budgets = []
     for value in values:
         try:
@@ -155,11 +164,13 @@ def ladder_budgets(cfg: DictConfig) -> list[float]:
         except (TypeError, ValueError):
             number = math.nan
         if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
-            raise ConfigError(f"sweep.budgets={values}: {value!r} is not a positive number; {expected}")
+            raise ConfigError(
+                f"sweep.budgets={_shown(values)}: {_shown(value)} is not a positive number; {expected}"
+            )
         budgets.append(float(budget_text(number)))  # the value the points' overrides carry
     repeated = sorted({budget_text(b) for b in budgets if budgets.count(b) > 1})
     if repeated:
-        raise ConfigError(f"sweep.budgets={values}: {', '.join(repeated)} given more than once")
+        raise ConfigError(f"sweep.budgets={_shown(values)}: {', '.join(repeated)} given more than once")
     return sorted(budgets)
 
 

@@ -179,9 +179,9 @@ def plot_isoflops(analysis: ScalingAnalysis, objective: str, path: Path) -> Path
             name, surface = primary
             axis.plot(grid, surface.predict(grid, budget / (6 * grid)), color=colour, linestyle="--",
                       linewidth=1, alpha=0.8)  # fmt: skip
-    if analysis.holdout and "fixed E" in analysis.holdout.predicted:
-        axis.scatter(analysis.holdout.N, analysis.holdout.predicted["fixed E"], marker="x", color="tab:red",
-                     zorder=5, label="held-out prediction (fit without it)")  # fmt: skip
+    if analysis.holdout and primary and primary[0] in analysis.holdout.predicted:
+        axis.scatter(analysis.holdout.N, analysis.holdout.predicted[primary[0]], marker="x", color="tab:red",
+                     zorder=5, label=f"held out: predicted by the {primary[0]} fit of the rest")  # fmt: skip
     if points.floor is not None:
         axis.axhline(points.floor, color="grey", linestyle=":", label=f"floor E = {points.floor:.3f}")
     axis.set_xscale("log")
