@@ -63,6 +63,7 @@ class LossSurface:
     beta: float
     fixed_E: bool  # E was given (the floor), not fitted
     huber: float = math.nan  # the minimised Huber loss over the points (log space)
+    at_bound: tuple[str, ...] = ()  # parameters the search left at a bound: the points do not pin them
 
     def predict(self, N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray:
         """The loss at N parameters and D tokens."""
@@ -169,10 +170,20 @@ def _minimise(
     return sorted(solutions, key=lambda s: s.value)
 
 
-def _surface(theta: np.ndarray, floor: float | None, value: float) -> LossSurface:
+def _surface(
+    theta: np.ndarray, floor: float | None, value: float, bounds: list[tuple[float, float]]
+) -> LossSurface:
     a, alpha, b, beta = (float(v) for v in theta[:4])
     E = floor if floor is not None else math.exp(float(theta[4]))
-    return LossSurface(E, math.exp(a), alpha, math.exp(b), beta, floor is not None, value * HUBER_DELTA)
+    names = ("A", "alpha", "B", "beta", "E")
+    at_bound = tuple(
+        name
+        for name, value_, (low, high) in zip(names, theta, bounds, strict=False)
+        if min(value_ - low, high - value_) < 1e-6
+    )
+    return LossSurface(
+        E, math.exp(a), alpha, math.exp(b), beta, floor is not None, value * HUBER_DELTA, at_bound
+    )
 
 
 def fit_loss_surface(
@@ -205,7 +216,8 @@ def _best_solutions(
         # L-BFGS from the SCREENED_STARTS grid points with the lowest loss, not all of them: the whole grid
         # (576 or 2,304 starts) takes minutes on a CPU and the rest end in the same minima.
         starts = grid[np.argsort(_grid_values(grid, log_N, log_D, log_L, log_E))[:SCREENED_STARTS]]
-    solutions = _minimise(starts, log_N, log_D, log_L, log_E, _bounds(L, floor))
+    bounds = _bounds(L, floor)
+    solutions = _minimise(starts, log_N, log_D, log_L, log_E, bounds)
     if not solutions:
         raise ValueError("no initialisation of the L(N, D) fit converged")
     distinct: list[_Solution] = []
@@ -214,7 +226,7 @@ def _best_solutions(
             distinct.append(solution)
         if len(distinct) == keep:
             break
-    return [_surface(s.theta, floor, s.value) for s in distinct], [s.theta for s in distinct]
+    return [_surface(s.theta, floor, s.value, bounds) for s in distinct], [s.theta for s in distinct]
 
 
 # ------------------------------------------------------------------------------------- approach 2
@@ -235,7 +247,9 @@ class IsoFlopFit:
     def N_opt(self) -> float | None:
         """The vertex: this budget's loss-minimising N, or None when the parabola has no minimum."""
         c2, c1, _ = self.coefficients
-        return math.exp(-c1 / (2 * c2)) if self.convex else None
+        if not self.convex:
+            return None
+        return math.exp(min(-c1 / (2 * c2), 700.0))  # a nearly flat parabola's vertex can be anywhere
 
     @property
     def D_opt(self) -> float | None:
@@ -292,23 +306,28 @@ class Frontier:
     """Approach 2 over a ladder: the vertex of every budget, and N_opt ~ C^a, D_opt ~ C^b through them."""
 
     isoflops: list[IsoFlopFit]
-    N_opt: PowerLaw | None  # None with fewer than two budgets that have a vertex
+    N_opt: PowerLaw | None  # None with fewer than two vertices within their sizes
     D_opt: PowerLaw | None
 
     @property
     def vertices(self) -> list[IsoFlopFit]:
-        """The budgets whose parabola has a minimum."""
-        return [fit for fit in self.isoflops if fit.N_opt is not None]
+        """The budgets whose parabola has its minimum within the sizes it was fitted to.
+
+        A minimum outside them is an extrapolation of a parabola that only describes the loss near its
+        points (the sizes did not bracket the optimum): it is shown, but left out of the power laws.
+        """
+        return [fit for fit in self.isoflops if fit.inside]
 
 
 def fit_frontier(N: np.ndarray, L: np.ndarray, budget: np.ndarray) -> Frontier:
-    """Parabolas for every budget with three sizes or more, and the power laws through their vertices."""
+    """Parabolas for every budget with three sizes or more, and the power laws through the vertices that
+    lie within their budget's sizes."""
     isoflops = []
     for value in np.unique(budget):
         chosen = budget == value
         if len(np.unique(N[chosen])) >= 3:
             isoflops.append(fit_isoflop(N[chosen], L[chosen], value))
-    vertices = [fit for fit in isoflops if fit.N_opt is not None]
+    vertices = [fit for fit in isoflops if fit.inside]
     if len(vertices) < 2:
         return Frontier(isoflops, None, None)
     C = [fit.budget for fit in vertices]
@@ -485,10 +504,11 @@ def frontier_intervals(
 
     def statistic(sample: LadderPoints) -> dict[str, float] | None:
         resampled = fit_frontier(sample.N, sample.L, sample.budget)
-        if resampled.N_opt is None or len(resampled.vertices) < len(frontier.vertices):
-            return None  # a budget lost its minimum: its vertex is undefined in this sample
+        if resampled.N_opt is None or [v.budget for v in resampled.vertices] != budgets:
+            return None  # a vertex left its sizes (or appeared): a different frontier, not a resample of it
         return {"a": resampled.N_opt.exponent, "b": resampled.D_opt.exponent}
 
+    budgets = [v.budget for v in frontier.vertices]
     return bootstrap(statistic, draw, n_resamples, seed)
 
 
@@ -514,7 +534,7 @@ def hold_out_largest(points: LadderPoints, notes: list[str]) -> HoldOut | None:
     observed_optimum = None
     if len(np.unique(held.N)) >= 3:
         parabola = fit_isoflop(held.N, held.L, largest)
-        if parabola.N_opt is not None:
+        if parabola.inside:
             observed_optimum = (parabola.N_opt, float(parabola.L_opt))
     if not predicted:
         notes.append("hold-out: too few points below the largest budget to fit L(N, D)")
@@ -527,9 +547,17 @@ def analyse(points: LadderPoints, n_resamples: int = 200, seed: int = 0) -> Scal
     notes: list[str] = []
     fits = fit_surfaces(points, n_resamples, seed, notes)
     frontier = fit_frontier(points.N, points.L, points.budget)
+    outside = [fit for fit in frontier.isoflops if not fit.inside]
+    if outside:
+        notes.append(
+            "isoFLOP: the sizes of budget "
+            + ", ".join(f"{fit.budget:.3g}" for fit in outside)
+            + " do not bracket its minimum (the loss falls toward one end): left out of the frontier; "
+            "a ladder with smaller or larger sizes there would bracket it"
+        )
     if frontier.N_opt is None:
         notes.append(
-            "isoFLOP frontier: needs two budgets whose parabola (three sizes or more) has a minimum; "
+            "isoFLOP frontier: needs two budgets whose parabola has its minimum within their sizes; "
             f"{len(frontier.vertices)} of {len(np.unique(points.budget))} have one"
         )
         intervals, resamples = {}, 0

@@ -173,7 +173,7 @@ def plot_isoflops(analysis: ScalingAnalysis, objective: str, path: Path) -> Path
         if budget in parabolas:
             parabola = parabolas[budget]
             axis.plot(grid, parabola.predict(grid), color=colour, linewidth=1)
-            if parabola.N_opt is not None:
+            if parabola.inside:
                 axis.scatter([parabola.N_opt], [parabola.L_opt], color=colour, marker="*", s=120, zorder=4)
         if primary:
             name, surface = primary
@@ -187,7 +187,8 @@ def plot_isoflops(analysis: ScalingAnalysis, objective: str, path: Path) -> Path
     axis.set_xscale("log")
     axis.set(xlabel="N (parameters in matrix multiplies)", ylabel=f"{objective} ({UNITS.get(objective, '')})")
     subtitle = f"dashed: L(N, D) fit ({primary[0]}) along C = 6ND" if primary else ""
-    axis.set_title(f"isoFLOP curves: solid = parabola in log N, * = its minimum\n{subtitle}", fontsize=10)
+    title = "isoFLOP curves: solid = parabola in log N, * = its minimum (when within the sizes)"
+    axis.set_title(f"{title}\n{subtitle}", fontsize=10)
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
     saved = _save(figure, path)
@@ -242,7 +243,7 @@ def _fit_table(analysis: ScalingAnalysis) -> list[str]:
     names = list(analysis.fits)
     header = "| parameter | " + " | ".join(f"{n} (95% CI)" for n in names) + " |"
     lines = [header, "|---|" + "---|" * len(names)]
-    formats = {"E": ".4f", "A": ".4g", "alpha": ".3f", "B": ".4g", "beta": ".3f", "a": ".3f", "b": ".3f"}
+    formats = {"E": ".4g", "A": ".4g", "alpha": ".3f", "B": ".4g", "beta": ".3f", "a": ".3f", "b": ".3f"}
     labels = {"a": "a (N* ~ C^a)", "b": "b (D* ~ C^b)"}
     for parameter, digits in formats.items():
         cells = []
@@ -250,9 +251,9 @@ def _fit_table(analysis: ScalingAnalysis) -> list[str]:
             fit = analysis.fits[name]
             value = fit.surface.values()[parameter]
             fixed = parameter == "E" and fit.surface.fixed_E
-            cells.append(
-                f"{value:{digits}}" + (" (fixed)" if fixed else _ci(fit.intervals, parameter, digits))
-            )
+            bound = " (at its bound: the points do not pin it)" if parameter in fit.surface.at_bound else ""
+            shown = " (fixed)" if fixed else _ci(fit.intervals, parameter, digits)
+            cells.append(f"{value:{digits}}{shown}{bound}")
         lines.append(f"| {labels.get(parameter, parameter)} | " + " | ".join(cells) + " |")
     law = analysis.frontier
     if law.N_opt is not None:
@@ -281,12 +282,12 @@ def _points_table(run: LadderRun, analysis: ScalingAnalysis) -> list[str]:
               "|---|---|---|---|---|"]  # fmt: skip
     for budget, fit in sorted(parabolas.items()):
         if fit.N_opt is None:
-            lines.append(f"| {budget:.3g} | no minimum (the parabola opens downward) | | | |")
+            lines.append(f"| {budget:.3g} | no minimum (the parabola opens downward) | | | no |")
+        elif not fit.inside:
+            sizes = f"{fit.N_range[0]:,.0f}-{fit.N_range[1]:,.0f}"
+            lines.append(f"| {budget:.3g} | ({fit.N_opt:.3g}) | | | no: outside {sizes}, not used |")
         else:
-            inside = "yes" if fit.inside else "no (extrapolated)"
-            lines.append(
-                f"| {budget:.3g} | {fit.N_opt:,.0f} | {fit.D_opt:,.0f} | {fit.L_opt:.4f} | {inside} |"
-            )
+            lines.append(f"| {budget:.3g} | {fit.N_opt:,.0f} | {fit.D_opt:,.0f} | {fit.L_opt:.4f} | yes |")
     return lines
 
 
@@ -407,6 +408,30 @@ def scaling_section(sweep_dir: Path | str, n_resamples: int = 200, seed: int = 0
     return scaling_markdown(run, analysis, plots, sweep_dir), plots
 
 
+def summary_line(sweep_dir: Path | str) -> str:
+    """One line of the fitted exponents and the hold-out error, from ``<sweep dir>/scaling.json``."""
+    fitted = json.loads((Path(sweep_dir) / "scaling.json").read_text())
+    parts = []
+    for name, fit in fitted["fits"].items():
+        values, intervals = fit["values"], fit["intervals"]
+        shown = ", ".join(
+            f"{key}={values[key]:.3f}"
+            + (f" [{intervals[key][0]:.3f}, {intervals[key][1]:.3f}]" if key in intervals else "")
+            for key in ("alpha", "beta", "a", "b")
+        )
+        parts.append(f"{name}: E={values['E']:.4g}, {shown}")
+    if fitted["frontier"]:
+        parts.append(f"isoFLOP: a={fitted['frontier']['a']:.3f}, b={fitted['frontier']['b']:.3f}")
+    holdout = fitted["holdout"]
+    if holdout:
+        errors = ", ".join(
+            f"{name} {e['mean_abs']:.4f} ({100 * e['mean_rel']:.1f}%)"
+            for name, e in holdout["errors"].items()
+        )
+        parts.append(f"hold-out C={holdout['budget']:.3g}: mean abs error {errors}")
+    return f"scaling ({fitted['objective']}): " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m lmexp.sweeps.scaling_report <sweep dir>``: write ``scaling.md`` and print it."""
     from lmexp.cache import atomic_write_text
@@ -427,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown, _ = scaling_section(args.sweep_dir, args.resamples, args.seed)
     atomic_write_text(args.sweep_dir / "scaling.md", markdown)
     print(markdown)
+    print(summary_line(args.sweep_dir))
     print(f"scaling report: {args.sweep_dir / 'scaling.md'}")
     return 0
 

@@ -185,7 +185,7 @@ TINY_LADDER = (
 
 @pytest.mark.slow  # trains 4 tiny points in a subprocess
 def test_a_tiny_ladder_runs_as_a_sweep_and_fits(workdir: Path, env: dict[str, str]):
-    from lmexp.sweeps.scaling_report import is_ladder_sweep, scaling_section
+    from lmexp.sweeps.scaling_report import is_ladder_sweep, scaling_section, summary_line
 
     args = sweep_args(workdir / "out", "tiny_ladder", *TINY_LADDER)
     result = run_lmexp("train", *args, cwd=workdir, env=env, timeout=600)
@@ -210,9 +210,10 @@ def test_a_tiny_ladder_runs_as_a_sweep_and_fits(workdir: Path, env: dict[str, st
         metrics = json.loads((sweep_dir / str(row["point"]) / "metrics.json").read_text())
         attention = 12 * row["depth"] * row["width"] * 32
         assert row["N"] == (metrics["perf/flops_per_token"] - attention) / 6
-    assert "| E | 6.0938 (fixed) |" in markdown and "free E: 4 points cannot fix 5 parameters" in markdown
+    assert "| E | 6.094 (fixed) |" in markdown and "free E: 4 points cannot fix 5 parameters" in markdown
     assert [p.name for p in plots] == ["isoflop.png", "frontier.png"] and all(p.stat().st_size for p in plots)
     assert fitted["fits"]["fixed E"]["resamples"] == 8
+    assert summary_line(sweep_dir).startswith("scaling (val/bpw): fixed E: E=6.094, alpha=")
 
 
 def test_a_grid_sweep_is_not_a_ladder(tmp_path: Path):

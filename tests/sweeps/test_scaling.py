@@ -53,6 +53,14 @@ def test_the_fit_recovers_the_law_it_was_drawn_from():
     assert free.E == pytest.approx(TRUE.E, abs=0.1)
 
 
+def test_a_parameter_the_search_leaves_at_its_bound_is_flagged():
+    points = synthetic_ladder(noise=0.0)
+    steep = LossSurface(E=1.69, A=1e30, alpha=4.0, B=410.7, beta=0.28, fixed_E=False)  # alpha above 3
+    surface = fit_loss_surface(points.N, points.D, steep.predict(points.N, points.D), floor=1.69)
+    assert surface.alpha == 3.0 and surface.at_bound == ("alpha",)
+    assert fit_loss_surface(points.N, points.D, points.L, floor=1.69).at_bound == ()
+
+
 def test_without_noise_the_fit_is_exact():
     points = synthetic_ladder(noise=0.0)
     surface = fit_loss_surface(points.N, points.D, points.L, floor=TRUE.E)
