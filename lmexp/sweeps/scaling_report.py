@@ -155,6 +155,7 @@ def plot_isoflops(analysis: ScalingAnalysis, objective: str, path: Path) -> Path
     """Loss against N per budget: the points, each budget's parabola and vertex, the L(N, D) fit along
     the budget (C = 6ND), the floor, and the held-out budget's prediction."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     points = analysis.points
     figure, axis = plt.subplots(figsize=(7.5, 5))
@@ -185,6 +186,7 @@ def plot_isoflops(analysis: ScalingAnalysis, objective: str, path: Path) -> Path
     if points.floor is not None:
         axis.axhline(points.floor, color="grey", linestyle=":", label=f"floor E = {points.floor:.3f}")
     axis.set_xscale("log")
+    axis.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap over a decade or less
     axis.set(xlabel="N (parameters in matrix multiplies)", ylabel=f"{objective} ({UNITS.get(objective, '')})")
     subtitle = f"dashed: L(N, D) fit ({primary[0]}) along C = 6ND" if primary else ""
     title = "isoFLOP curves: solid = parabola in log N, * = its minimum (when within the sizes)"
