@@ -27,11 +27,12 @@ reads a sweep and draws the plots).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from scipy import optimize, special, stats
@@ -111,7 +112,8 @@ def _huber_and_gradient(
     # d huber / d residual, times d predicted / d term (each term's share of L)
     slope = np.clip(residual, -HUBER_DELTA, HUBER_DELTA)
     weight_N, weight_D = np.exp(term_N - predicted) * slope, np.exp(term_D - predicted) * slope
-    gradient = [weight_N.sum(), -weight_N @ log_N, weight_D.sum(), -weight_D @ log_D]
+    # Elementwise sums, not BLAS dot products: a multi-threaded BLAS call costs more than these few points.
+    gradient = [weight_N.sum(), -(weight_N * log_N).sum(), weight_D.sum(), -(weight_D * log_D).sum()]
     if log_E is None:
         gradient.append((np.exp(e - predicted) * slope).sum())
     # Scaled by 1/delta: the Huber loss of small residuals is tiny, and L-BFGS's tolerances are absolute.
@@ -155,19 +157,37 @@ def _minimise(
     log_E: float | None, bounds: list[tuple[float, float]],
 ) -> list[_Solution]:  # fmt: skip
     solutions = []
-    for start in starts:
-        result = optimize.minimize(
-            _huber_and_gradient,
-            np.clip(start, [lo for lo, _ in bounds], [hi for _, hi in bounds]),
-            args=(log_N, log_D, log_L, log_E),
-            jac=True,
-            method="L-BFGS-B",
-            bounds=bounds,
-            options={"maxiter": 500, "ftol": 1e-10, "gtol": 1e-6},
-        )
+    with _one_blas_thread():
+        results = [_lbfgs(start, log_N, log_D, log_L, log_E, bounds) for start in starts]
+    for result in results:
         if np.isfinite(result.fun):
             solutions.append(_Solution(np.asarray(result.x), float(result.fun)))
     return sorted(solutions, key=lambda s: s.value)
+
+
+def _one_blas_thread() -> Any:
+    """scipy's L-BFGS-B calls BLAS on vectors of 4 or 5 numbers: a multi-threaded BLAS spends far longer
+    waking its threads than computing (10x slower on a busy 2-core machine), so it gets one thread."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn brings it; without it the fit is only slower
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _lbfgs(
+    start: np.ndarray, log_N: np.ndarray, log_D: np.ndarray, log_L: np.ndarray, log_E: float | None,
+    bounds: list[tuple[float, float]],
+) -> optimize.OptimizeResult:  # fmt: skip
+    return optimize.minimize(
+        _huber_and_gradient,
+        np.clip(start, [lo for lo, _ in bounds], [hi for _, hi in bounds]),
+        args=(log_N, log_D, log_L, log_E),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options={"maxiter": 500, "ftol": 1e-10, "gtol": 1e-6},
+    )
 
 
 def _surface(

@@ -115,7 +115,7 @@ def test_a_budget_below_the_smallest_sizes_minimum_names_the_minimum():
         ("sweep.budgets=[1e12,1e12]", "1e+12 given more than once"),
         (
             "sweep.ladder.head_dim=24",
-            "sweep.ladder.head_dim=24 does not divide sweep.ladder.width_per_layer=32",
+            "sweep.ladder.head_dim=24 does not divide sweep.ladder.width_per_layer=16",
         ),
         ("sweep.ladder.points_per_budget=1", "sweep.ladder.points_per_budget=1: expected an integer >= 2"),
     ],

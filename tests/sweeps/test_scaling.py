@@ -69,7 +69,6 @@ def test_without_noise_the_fit_is_exact():
     assert surface.A == pytest.approx(TRUE.A, rel=1e-2) and surface.B == pytest.approx(TRUE.B, rel=1e-2)
 
 
-@pytest.mark.slow  # about 70 fits
 def test_fixing_e_tightens_the_intervals_and_the_holdout_predicts_the_largest_budget():
     analysis = analyse(synthetic_ladder(), n_resamples=16, seed=3)
     fixed, free = analysis.fits["fixed E"], analysis.fits["free E"]
