@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from lmexp.config import overrides as override_strings
 from lmexp.errors import UserError
 from lmexp.sweeps.point import FAILED, FINISHED, best_of, read_record, swept_keys
+from lmexp.sweeps.scaling_report import is_ladder_sweep, scaling_section, summary_line
 
 HEADLINE_METRICS = ("val/loss", "val/ppl", "val/acc", "val/bpw", "test/loss", "perf/tokens_per_sec")
 
@@ -441,6 +442,11 @@ def write_report(
     plot_paths = draw_plots(points, keys, objective, best, sweep_dir / "plots") if plots else []
     markdown = _markdown(sweep_dir, objective, direction, points, keys, best, plot_paths)
     summary = [line.strip() for line in markdown.splitlines()[2:6] if line.strip()]
+    if is_ladder_sweep(sweep_dir):  # a scaling-law ladder: its fits, isoFLOP curves and hold-out follow
+        scaling_markdown, scaling_plots = scaling_section(sweep_dir)
+        markdown = f"{markdown.rstrip()}\n\n{scaling_markdown}"
+        summary.append(summary_line(sweep_dir))
+        plot_paths = [*plot_paths, *scaling_plots]
     written = {
         "csv": sweep_dir / "report.csv",
         "md": sweep_dir / "report.md",

@@ -19,11 +19,13 @@ files; the namespaces vanish with their last process. Clients must run inside th
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,14 @@ def ensure_installed() -> None:
             f"SLURM is not installed ({', '.join(missing_programs())} missing) and "
             "installing it is not allowed here (needs root and apt-get)"
         )
+    # Test workers (pytest-xdist) may start clusters at the same time: one installs, the others wait.
+    with open(Path(tempfile.gettempdir()) / "lmexp-slurm-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if missing_programs():
+            _apt_install()
+
+
+def _apt_install() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (
         ["apt-get", "update", "-qq"],
