@@ -171,3 +171,89 @@ def test_a_requeued_slurm_job_waits_for_its_previous_instance(tmp_path, monkeypa
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_sweep_point_whose_dir_is_held_is_skipped_as_busy(tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from lmexp.sweeps.point import RUNNING, read_record, sweep_point, write_record
+    from lmexp.sweeps.summary import SweepCallback
+    from tests.sweeps.test_sweep_point import FakeTraining, point_config
+
+    monkeypatch.setattr(run_lock, "PROBE_GRACE_S", 0.1)
+    point_dir = tmp_path / "sweep" / "0"
+    # The first sweep runs this point: its record says running and it holds the dir.
+    write_record(point_dir, num=0, status=RUNNING, overrides=["optim.lr=0.01"], run_dir=str(point_dir))
+    fd = _foreign_holder(point_dir, RECORD)
+    training = FakeTraining()
+    try:
+        value = sweep_point(training)(point_config(point_dir, "optim.lr=0.01"))
+        assert training.calls == 0 and value.startswith("busy: held by pid 4242 on node7")
+        assert read_record(point_dir)["status"] == RUNNING  # its record is the running sweep's, untouched
+        assert "busy: point 0 (sweep.name=unit optim.lr=0.01) is held by pid 4242" in capsys.readouterr().out
+        callback = SweepCallback(report=False)
+        callback.on_multirun_start(config=OmegaConf.create())
+        callback.on_multirun_end(
+            config=OmegaConf.create({"hydra": {"sweep": {"dir": str(point_dir.parent)}}})
+        )
+        out = capsys.readouterr().out
+        assert "1 busy" in out and "held by pid 4242 on node7" in out
+    finally:
+        os.close(fd)
+    value = sweep_point(training)(point_config(point_dir, "optim.lr=0.01"))  # free again: it runs
+    assert training.calls == 1 and value == 1.5
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_held_dir_stops_at_once_through_the_cli(tmp_path, cli):
+    run_dir = tmp_path / "same"
+    holder = _hold_in_process(run_dir)  # the first run, still going
+    try:
+        result = cli("lmexp.train", "debug=fast", f"hydra.run.dir={run_dir}", timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(
+        f"error: run dir {run_dir} is in use by another lmexp run (pid {holder.pid} on "
+    )
+    assert "hydra.run.dir" in lines[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        LOCK_NAME
+    ]  # no .hydra/, log or checkpoints of its own
+
+
+@pytest.mark.slow
+def test_a_sweep_rerun_skips_the_points_still_held_and_says_so(tmp_path, cache_dir):
+    from lmexp.sweeps.point import RUNNING, write_record
+    from tests.sweeps.sweep_helpers import lmexp_env, run_lmexp, sweep_args
+
+    sweep_dir = tmp_path / "out" / "multirun" / "held"
+    holders = []
+    for num, lr in enumerate(("0.01", "0.02")):  # the first sweep still runs both points
+        point_dir = sweep_dir / str(num)
+        write_record(point_dir, num=num, status=RUNNING, overrides=[f"optim.lr={lr}"], run_dir=str(point_dir))
+        holders.append(_hold_in_process(point_dir))
+    try:
+        env = lmexp_env(cache_dir, tmp_path / "home")
+        args = sweep_args(tmp_path / "out", "held", "optim.lr=0.01,0.02")
+        result = run_lmexp("train", *args, cwd=tmp_path, env=env, timeout=120)
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    assert result.returncode == 0, result.stderr
+    busy = [line for line in result.stdout.splitlines() if line.startswith("busy: point ")]
+    assert len(busy) == 2, result.stdout
+    assert (
+        busy[0].startswith("busy: point 0 (")
+        and f"optim.lr=0.01) is held by pid {holders[0].pid} on " in busy[0]
+    )
+    assert (
+        busy[1].startswith("busy: point 1 (")
+        and f"optim.lr=0.02) is held by pid {holders[1].pid} on " in busy[1]
+    )
+    assert "2 busy" in result.stdout and "Traceback" not in result.stderr
+    assert not (sweep_dir / "0" / "checkpoints").exists()
