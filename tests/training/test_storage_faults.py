@@ -138,3 +138,30 @@ def test_a_checkpoint_write_over_the_size_limit_stops_in_one_line_and_resume_aut
     train(make_config(run_dir, cache_dir, *SMALL, *EVERY_2, "trainer.max_steps=8", "resume=auto", tiny=False))
     assert f"resume=auto: continuing from {last} (step 4)" in caplog.text
     assert checkpoint_step(load_checkpoint(last)) == 8
+
+
+def test_a_token_file_over_the_size_limit_keeps_the_previous_one(tmp_path):
+    from lmexp.data.packing import write_token_file
+    from tests.data.engine_helpers import make_documents, train_tokenizer
+
+    documents = make_documents(200)
+    tokenizer = train_tokenizer(documents, tmp_path / "cache")
+    tokens = tmp_path / "train.bin"
+    write_token_file(documents[:20], tokenizer, tokens)
+    before = tokens.read_bytes()
+    with (
+        file_size_limit(len(before) + 100),
+        pytest.raises(StorageError, match=f"cannot write {tokens}: .*EFBIG"),
+    ):
+        write_token_file(documents, tokenizer, tokens)
+    assert tokens.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_read_only_output_dir_is_one_line_through_the_cli(tmp_path, cli):
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as read_only:
+        result = cli("lmexp.train", "debug=fast", f"hydra.run.dir={read_only}/run", timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"error: cannot write {read_only}/run") and "read-only (EROFS)" in lines[0]
