@@ -2,10 +2,12 @@
 
 Bad input must end in one line on stderr that names the culprit, a non-zero exit and no traceback.
 Our own code raises :class:`lmexp.errors.UserError`; :func:`guarded` (Hydra commands) and
-:func:`run_command` (plain commands: plan, report, bench) turn it into that line. Hydra reports composition
-errors (unknown key, unknown config option, a value its grammar cannot read) itself, over several lines,
-before the task function runs; :func:`run_cli` holds stderr back until the task starts and folds such a
-report into one line. ``HYDRA_FULL_ERROR=1`` turns all of this off.
+:func:`run_command` (plain commands: plan, report, bench) turn it into that line (through
+:func:`exit_on_error`, which also catches any write that failed for lack of space or permission). Hydra
+reports composition errors (unknown key, unknown config option, a value its grammar cannot read) itself, over
+several lines, before the task function runs; :func:`run_cli` holds stderr back until the task starts and
+folds such a report into one line, naming the override its grammar could not read. ``HYDRA_FULL_ERROR=1``
+turns all of this off.
 
 Distributed ranks: when Lightning starts ranks 1..n-1 of a job (lmexp.training.distributed), each
 runs ``python -m <entry>`` with the job's resolved config in ``LMEXP_RANK_CONFIG``; :func:`run_cli` then
@@ -16,15 +18,16 @@ other than 0, :func:`run_cli` turns off Hydra's ``.hydra/`` output and :func:`gu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from lmexp.errors import UserError, full_errors_requested
+from lmexp.errors import StorageError, UserError, full_errors_requested, is_storage_failure
 
 T = TypeVar("T")
 
@@ -48,13 +51,18 @@ QUOTING_HINT = (
     "Hydra's override grammar reads unquoted values as plain ASCII words: quote the value, e.g. "
     "'prompt=\"大语言模型\"' (single quotes for the shell, double quotes for Hydra)"
 )
+BRACKETS_HINT = "a list is written [a,b], a mapping {k:v}; quote values with spaces or other symbols"
+_GRAMMAR_MARK = "override_grammar"  # Hydra ends every override parse error with a link to its grammar
 
 
-def fold_hydra_report(text: str) -> str:
-    """One line from Hydra's multi-line error report (dropping its hints and search-path listing)."""
-    if "LexerNoViableAltException" in text or "token recognition error" in text:
-        override = next((line.split("'", 2)[1] for line in text.splitlines() if "override '" in line), "")
-        return f"cannot read the override {override!r}: {QUOTING_HINT}" if override else QUOTING_HINT
+def fold_hydra_report(text: str, overrides: Sequence[str] = ()) -> str:
+    """One line from Hydra's multi-line error report (dropping its hints and search-path listing).
+
+    ``overrides``: the command line's overrides, to name the one Hydra's grammar could not read (its own
+    message quotes only the unreadable fragment).
+    """
+    if _GRAMMAR_MARK in text or "LexerNoViableAltException" in text or "token recognition error" in text:
+        return _grammar_error(text, overrides)
     parts: list[str] = []
     for raw in text.splitlines():
         line = raw.strip()
@@ -72,6 +80,64 @@ def fold_hydra_report(text: str) -> str:
     return "; ".join(parts)
 
 
+def _grammar_error(text: str, overrides: Sequence[str]) -> str:
+    """The override Hydra's grammar could not read, its key, why, and how to write it."""
+    from lmexp.config.overrides import key_of
+
+    culprit = unreadable_override(overrides) or next(
+        (line.split("'", 2)[1] for line in text.splitlines() if "override '" in line), ""
+    )
+    if not culprit:
+        return QUOTING_HINT
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0].split(": ", 1)[-1] if lines else ""
+    if "LexerNoViableAltException" in text or "token recognition error" in text or not culprit.isascii():
+        reason, hint = "a character the grammar does not take unquoted", QUOTING_HINT
+    else:
+        hint = BRACKETS_HINT
+    return f"cannot read the override {culprit!r} (key {key_of(culprit)}): {reason}; {hint}"
+
+
+def unreadable_override(overrides: Sequence[str]) -> str | None:
+    """The first of ``overrides`` that Hydra's override grammar rejects (flags and their values skipped)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        if override.startswith("-") or ("=" not in override and not override.startswith("~")):
+            continue
+        try:
+            parser.parse_override(override)
+        except HydraException:
+            return override
+    return None
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """A UserError in the body becomes ``error: <one line>`` on stderr and exit status 2; so does a write
+    that failed for lack of space, a size limit or permission, wherever it was made."""
+    try:
+        yield
+    except UserError as error:
+        _exit_with(error)
+    except OSError as error:
+        if not is_storage_failure(error):
+            raise
+        _exit_with(StorageError(error.filename or "a file", error), cause=error)
+
+
+def _exit_with(error: UserError, cause: BaseException | None = None) -> None:
+    if full_errors_requested():
+        if cause is not None:
+            raise cause
+        raise error
+    sys.stderr.write(_release_stderr())  # errors before the task function: Hydra's stderr was held back
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
 def guarded(task: Callable[..., T]) -> Callable[..., T]:
     """Wrap a Hydra task function: a UserError becomes ``error: <one line>`` and exit status 2."""
 
@@ -81,13 +147,8 @@ def guarded(task: Callable[..., T]) -> Callable[..., T]:
         if external_rank() > 0:
             _drop_log_files()
             _not_rank_zero(external_rank())
-        try:
+        with exit_on_error():
             return task(*args, **kwargs)
-        except UserError as error:
-            if full_errors_requested():
-                raise
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
 
     return wrapper
 
@@ -95,13 +156,8 @@ def guarded(task: Callable[..., T]) -> Callable[..., T]:
 def run_command(main: Callable[[], Any]) -> None:
     """Run a plain (non-Hydra) command: a UserError becomes ``error: <one line>`` and exit status 2; a
     returned int is the exit status."""
-    try:
+    with exit_on_error():
         status = main()
-    except UserError as error:
-        if full_errors_requested():
-            raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
     raise SystemExit(status if isinstance(status, int) else 0)
 
 
@@ -131,7 +187,7 @@ def run_cli(main: Callable[..., Any]) -> None:
         if exit_.code in (0, None) or not held.strip():
             sys.stderr.write(held)
         else:
-            print(f"error: {fold_hydra_report(held)}", file=sys.stderr, flush=True)
+            print(f"error: {fold_hydra_report(held, sys.argv[1:])}", file=sys.stderr, flush=True)
         raise
     finally:
         sys.stderr.write(_release_stderr())

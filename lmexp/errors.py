@@ -7,6 +7,7 @@ names the culprit, and exit non-zero. ``HYDRA_FULL_ERROR=1`` re-raises with the 
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -34,6 +35,32 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, truncated, or does not fit the run."""
+
+
+class StorageError(UserError):
+    """A file could not be written: the disk is full, the file is over the size limit, or the place is
+    read-only. Writers that raise it leave the previous version of the file as it was."""
+
+    def __init__(self, path: str | Path, error: OSError) -> None:
+        self.path, self.errno = Path(path), error.errno
+        cause = STORAGE_CAUSES.get(error.errno or 0, error.strerror or type(error).__name__)
+        super().__init__(f"cannot write {path}: {cause}; the previous version of the file is unchanged")
+
+
+# Why a write fails, for the errors lmexp turns into one line (:func:`is_storage_failure`), with what to do.
+STORAGE_CAUSES = {
+    errno.ENOSPC: "no space left on the device (ENOSPC); free some space and run again",
+    errno.EDQUOT: "the disk quota is used up (EDQUOT); free some space and run again",
+    errno.EFBIG: "the file would exceed the file-size limit (EFBIG; see `ulimit -f`); raise it and run again",
+    errno.EACCES: "permission denied (EACCES); make the directory writable or write elsewhere",
+    errno.EPERM: "operation not permitted (EPERM); make the directory writable or write elsewhere",
+    errno.EROFS: "the file system is read-only (EROFS); write elsewhere",
+}
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a write that failed for lack of space, size limit or permission."""
+    return isinstance(error, OSError) and error.errno in STORAGE_CAUSES
 
 
 class Preempted(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmexp.config.compose import choice
+from lmexp.config.schema import name_problem
 
 
 def cross_group_problems(settings: Any, pretrained: Any = None) -> list[str]:
@@ -76,3 +77,34 @@ def pretrained_problems(settings: Any, pretrained: Any) -> list[str]:
             f"{settings.model_spec.kind} classifier needs"
         ]
     return []
+
+
+# Keys of the logger and callback nodes that become a file or directory name inside the run dir (W&B's name
+# and project do not, but W&B refuses paths there too): each must be a plain name (schema.name_problem).
+LOGGER_NAME_KEYS = {
+    "csv": ("name", "version"),
+    "tensorboard": ("name", "version"),
+    "wandb": ("name", "project"),
+}
+EMPTY_ALLOWED = {"csv", "tensorboard"}  # an empty name or version there means "no subdirectory"
+
+
+def output_name_problems(loggers: Any, callbacks: Any) -> list[str]:
+    """Logger names and versions and the checkpoint file name that would reach outside the run dir
+    (``logger.csv.name=../..``); ``loggers``, ``callbacks``: the plain ``logger`` and ``callbacks`` nodes."""
+    found = []
+    named = [
+        (f"logger.{logger}.{key}", (loggers.get(logger) or {}).get(key), logger in EMPTY_ALLOWED)
+        for logger, keys in LOGGER_NAME_KEYS.items()
+        if isinstance(loggers, dict) and isinstance(loggers.get(logger), dict)
+        for key in keys
+    ]
+    checkpoint = callbacks.get("checkpoint") if isinstance(callbacks, dict) else None
+    if isinstance(checkpoint, dict):
+        named.append(("callbacks.checkpoint.filename", checkpoint.get("filename"), False))
+    for key, value, empty_allowed in named:
+        if value is None or (value == "" and empty_allowed):
+            continue
+        if problem := name_problem(str(value)):
+            found.append(f"{key}={value!r}: {problem}")
+    return found

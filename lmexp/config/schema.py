@@ -8,7 +8,11 @@ a dataclass that inherits :class:`Schema`; each field has
   ``Any``, or a union of them with ``None``;
 * a one-line docstring: the string right below the field (``tests/config/test_schema.py`` checks that every
   field of every schema has one);
-* where its value has a range, a constraint made by :func:`positive`, :func:`at_least` or :func:`between`.
+* where its value has a range, a constraint made by :func:`positive`, :func:`at_least` or :func:`between`;
+  where it names a file or directory, :func:`plain_name` (no ``/``, ``..`` or absolute path).
+
+A ``str`` field whose default is not empty must not be empty either (an empty name, field or objective means
+nothing).
 
 Constructing a schema checks every field (types, ranges) and the schema's own cross-field
 :meth:`Schema.problems` (those naming a field found wrong are left out); all problems are raised together as
@@ -51,6 +55,27 @@ def between(default: Any, low: float, high: float, high_open: bool = False, low_
     return dataclasses.field(
         default=default, metadata={"gt" if low_open else "ge": low, "lt" if high_open else "le": high}
     )
+
+
+def plain_name(default: str) -> Any:
+    """A field that names a file or directory inside the output dir: one path component (see
+    :func:`name_problem`)."""
+    return dataclasses.field(default=default, metadata={"plain_name": True})
+
+
+def name_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be one file or directory name inside lmexp's output dir, or None.
+
+    A ``/`` or ``\\`` would make it a path, ``..`` or an absolute path one that leaves the output dir.
+    """
+    if not isinstance(value, str):
+        return None  # a type problem, reported as such
+    if value in ("", ".", "..") or "/" in value or "\\" in value or any(ord(c) < 32 for c in value):
+        return (
+            "expected a plain name (not empty, '.' or '..'; no '/', '\\' or control characters): it names a "
+            "directory or file inside the output dir, and a path could write outside it"
+        )
+    return None
 
 
 def listed(factory: Any) -> Any:
@@ -181,6 +206,10 @@ def field_problems(obj: Any, group: str) -> list[str]:
         key = _join(group, field.name)
         if problem is None:
             problem = range_problem(value, field.metadata, hints[field.name])
+        if problem is None and field.metadata.get("plain_name"):
+            problem = name_problem(value)
+        if problem is None and value == "" and hints[field.name] is str and field.default != "":
+            problem = "expected a non-empty string"
         if problem is not None:
             glue = " " if problem.startswith("is not") else ": "
             problems.append(f"{key}={_show(value)}{glue}{problem}")

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from omegaconf import DictConfig
 
-from lmexp.config.schema import Schema, collect, listed, parse, plain
+from lmexp.config.schema import Schema, collect, listed, parse, plain, plain_name
 from lmexp.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ class SweepOptions(Schema):
 
     group: ClassVar[str] = "sweep"
 
-    name: str = "sweep"
+    name: str = plain_name("sweep")
     """The sweep's name: its dir (outputs/multirun/<name>/<n>/) and the W&B group of its runs."""
     rerun: bool = False
     """Run finished points again (from scratch) instead of skipping them."""
@@ -60,7 +60,7 @@ class RunOptions(Schema):
     """Evaluate the final model on the test split after training (when the data has one)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
-    run_name: str = "run"
+    run_name: str = plain_name("run")
     """A name for the run, used by the loggers."""
 
 
@@ -120,12 +120,13 @@ def load_settings(cfg: DictConfig, pretrained: Any = None) -> RunSettings:
 
     ``pretrained``: the ``init_from`` run (lmexp.training.build.Pretrained) when fine-tuning from one.
     """
-    from lmexp.config.checks import cross_group_problems
+    from lmexp.config.checks import cross_group_problems, output_name_problems
 
     problems: list[str] = []
     top = {k: v for k, v in plain(cfg).items() if k in RunOptions.__dataclass_fields__}
     run = collect(problems, lambda: parse(RunOptions, top, ""))
     collect(problems, lambda: parse(SweepOptions, cfg.get("sweep") or {}, "sweep"))
+    problems += output_name_problems(plain(cfg.get("logger") or {}), plain(cfg.get("callbacks") or {}))
     parts = {
         name: collect(problems, lambda name=name: group(cfg, name))
         for name in ("model", "task", "data", "tokenizer", "optim", "trainer")

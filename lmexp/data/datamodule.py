@@ -10,6 +10,7 @@ file lock and renamed into place, so parallel runs and DDP ranks share the work 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -18,7 +19,15 @@ from typing import Any, ClassVar, Literal
 import torch
 from lightning.pytorch import LightningDataModule
 
-from lmexp.cache import atomic_write_json, atomic_write_text, build_lock, files_digest, stable_hash
+from lmexp.cache import (
+    atomic_path,
+    atomic_write_json,
+    build_lock,
+    files_digest,
+    fingerprint,
+    fingerprint_problem,
+    stable_hash,
+)
 from lmexp.config.schema import at_least, listed, positive
 from lmexp.data.context import DataConfig, DataContext
 from lmexp.data.corpus import GrammarConfig, build_grammar, generate_documents
@@ -32,6 +41,18 @@ from lmexp.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
+
+
+def _read_checked(text_file: Path, meta_file: Path) -> tuple[bytes, str | None]:
+    """The cached corpus file's bytes and what is wrong with them (None: they match the recorded
+    fingerprint)."""
+    try:
+        data, meta = text_file.read_bytes(), json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return b"", f"unreadable: {type(error).__name__}"
+    return data, fingerprint_problem(
+        text_file.name, data, meta.get("documents") if isinstance(meta, dict) else None
+    )
 
 
 @dataclass
@@ -194,6 +215,8 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
         return {split: [documents[i] for i in idx] for split, idx in indices.items()}
 
     def _builtin_documents(self) -> tuple[list[str], str]:
+        """The generated corpus, from the cache when its documents file matches the size and checksum
+        recorded when it was built; generated (again, with a warning, if the cached file is damaged)."""
         grammar_config = self.grammar_config()
         key = stable_hash(
             {"grammar": asdict(grammar_config), "n": self.n_documents, "seed": self.corpus_seed}
@@ -203,16 +226,24 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
         grammar = build_grammar(grammar_config)
         self.bpw_floor = grammar.entropy_bits_per_word()
         with build_lock(corpus_dir):
-            if not meta_file.exists():
-                documents = generate_documents(grammar, self.n_documents, self.corpus_seed)
-                atomic_write_text(text_file, "\n\n".join(documents) + "\n")
-                atomic_write_json(meta_file, {"n_documents": len(documents), "bpw_floor": self.bpw_floor})
-                log.info("built corpus %s", text_file)
-                return documents, key
-        documents = text_file.read_text(encoding="utf-8").strip("\n").split("\n\n")
-        if len(documents) != self.n_documents:
-            raise DataError(f"cached corpus {text_file} is damaged; delete {corpus_dir} and run again")
-        return documents, key
+            if meta_file.exists():
+                data, problem = _read_checked(text_file, meta_file)
+                if problem is None:
+                    return data.decode("utf-8").strip("\n").split("\n\n"), key
+                log.warning("corpus cache %s is damaged (%s); generating it again", text_file, problem)
+                meta_file.unlink()  # from here on the cache says "not built" until the rebuild is done
+            documents = generate_documents(grammar, self.n_documents, self.corpus_seed)
+            data = ("\n\n".join(documents) + "\n").encode("utf-8")
+            with atomic_path(text_file) as tmp:
+                tmp.write_bytes(data)  # bytes: exactly what the fingerprint is of, on every platform
+            meta = {
+                "n_documents": len(documents),
+                "bpw_floor": self.bpw_floor,
+                "documents": fingerprint(data),
+            }
+            atomic_write_json(meta_file, meta)
+            log.info("built corpus %s", text_file)
+            return documents, key
 
     # ------------------------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:

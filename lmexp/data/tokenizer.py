@@ -7,6 +7,7 @@ word starts with a ``"▁"`` piece, which is what the bits-per-word metric count
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import sentencepiece as spm
 
-from lmexp.cache import atomic_write_json, build_lock, stable_hash
+from lmexp.cache import atomic_write_json, build_lock, fingerprint, fingerprint_problem, stable_hash
 from lmexp.config.schema import Schema, at_least, between, listed, positive
 from lmexp.errors import ConfigError, DataError
 
@@ -129,6 +130,14 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"tokenizer: {path} does not exist; expected a sentencepiece .model file")
+        if (
+            path.name == MODEL_FILE and (path.parent / META_FILE).is_file()
+        ):  # lmexp's cache: check, never trust
+            if problem := cached_model_problem(path):
+                raise DataError(
+                    f"tokenizer: the cached model {path} is damaged ({problem}); prepare the data again to "
+                    f"rebuild it, or delete {path.parent}"
+                )
         processor = spm.SentencePieceProcessor()
         try:
             processor.Load(model_file=str(path))
@@ -209,22 +218,69 @@ def train_or_load_tokenizer(
     """Load the cached tokenizer for (``corpus_key``, ``config``), training and caching it first if needed.
 
     Concurrent callers serialise on a lock; the model file is moved into place last, so a reader that sees
-    ``spm.model`` sees a finished tokenizer.
+    ``spm.model`` sees a finished tokenizer. A cached model that fails its check
+    (:func:`cached_model_problem`: truncated, altered, its metadata lost) is rebuilt under the lock with a
+    warning; when ``documents`` is empty (the caller expected the cache to hold it), it is removed and a
+    :class:`DataError` says to run again.
     """
     directory = tokenizer_cache_dir(corpus_key, config, cache_dir)
     model_path = directory / MODEL_FILE
     threads = config.resolved_threads()
-    if model_path.is_file():
+    if model_path.is_file() and cached_model_problem(model_path) is None:
         return Tokenizer.load(model_path, threads)
     with build_lock(directory):
-        if not model_path.is_file():  # another process may have finished it while we waited
+        problem = cached_model_problem(model_path)  # another process may have built or repaired it meanwhile
+        if problem is not None:
+            if model_path.is_file():
+                log.warning("tokenizer cache %s is damaged (%s); rebuilding it", model_path, problem)
+                if not documents:
+                    _discard(directory)
+                    raise DataError(
+                        f"tokenizer: the cached model {model_path} was damaged ({problem}) and has been "
+                        "removed; run again to rebuild it"
+                    )
             _build(documents, corpus_key, config, directory)
             log.info("built tokenizer %s", model_path)
     return Tokenizer.load(model_path, threads)
 
 
+def cached_model_problem(model_path: Path) -> str | None:
+    """Why the cached tokenizer model at ``model_path`` cannot be trusted, or None when it is whole.
+
+    Its size and SHA-256 must be those recorded in ``meta.json`` when it was built; a model cached before
+    lmexp recorded them must at least load.
+    """
+    try:
+        data = Path(model_path).read_bytes()
+        meta = json.loads((Path(model_path).parent / META_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError as missing:
+        return f"{Path(str(missing.filename)).name} is missing"
+    except (OSError, ValueError) as error:
+        return f"{META_FILE} is unreadable ({type(error).__name__})"
+    if isinstance(meta, dict) and "model" in meta:
+        return fingerprint_problem(MODEL_FILE, data, meta["model"])
+    try:  # cached before fingerprints were recorded
+        spm.SentencePieceProcessor(model_proto=data)
+    except (RuntimeError, TypeError, ValueError) as error:
+        return f"{MODEL_FILE} does not load ({_one_line(error)})"
+    return None
+
+
+def _discard(directory: Path) -> None:
+    """Remove a damaged cached tokenizer (under its build lock): model first, so no reader takes it."""
+    for name in (MODEL_FILE, META_FILE, VOCAB_FILE):
+        (directory / name).unlink(missing_ok=True)
+
+
 def _build(documents: list[str], corpus_key: str, config: TokenizerConfig, directory: Path) -> None:
-    """Train into a temporary directory inside ``directory``, then move the files in, model last."""
+    """Train into a temporary directory inside ``directory``, then move the files in, model last.
+
+    Runs under the build lock, so any other ``.build-*`` directory there was left by a builder that was
+    killed; it is removed first. A damaged model is removed before anything else is replaced.
+    """
+    for stale in directory.glob(".build-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    (directory / MODEL_FILE).unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=directory))
     try:
         n_lines = _train(documents, corpus_key, config, tmp / "spm")
@@ -233,6 +289,7 @@ def _build(documents: list[str], corpus_key: str, config: TokenizerConfig, direc
             "config": asdict(config),
             "n_training_lines": n_lines,
             "sentencepiece_version": spm.__version__,
+            "model": fingerprint((tmp / MODEL_FILE).read_bytes()),
         }
         atomic_write_json(tmp / META_FILE, meta)
         for name in (VOCAB_FILE, META_FILE, MODEL_FILE):

@@ -7,6 +7,8 @@ Each point of a sweep runs through :func:`sweep_point`, which
 * lets a point that was interrupted (killed, preempted, requeued) continue from its own checkpoints
   (``resume=auto`` does that in the point's run dir); a forced re-run, or a new attempt at a point that
   failed, starts afresh;
+* skips a point whose run dir another process holds (a sweep still running it: ``busy: point N ...``; the
+  summary lists it as busy, lmexp/training/run_lock.py);
 * turns a failing point (bad config, crash, NaN objective) into a recorded failure instead of an
   exception, so the other points still run. Hydra's launchers re-raise a failed job's exception when its
   return value is read, and ``lmexp.cli.guarded`` turns user errors into ``SystemExit``, which escapes
@@ -39,7 +41,7 @@ from lmexp.errors import UserError, full_errors_requested
 
 T = TypeVar("T")
 RECORD_NAME = "sweep_point.json"
-FINISHED, FAILED, RUNNING, SKIPPED = "finished", "failed", "running", "skipped"
+FINISHED, FAILED, RUNNING, SKIPPED, BUSY = "finished", "failed", "running", "skipped", "busy"
 
 
 # ------------------------------------------------------------------------------------- point records
@@ -82,7 +84,7 @@ def sweep_point(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
     def wrapper(cfg: DictConfig) -> Any:
         if not is_multirun():
             return task(cfg)
-        return run_point(task, cfg)
+        return run_point_if_free(task, cfg)
 
     return wrapper
 
@@ -113,6 +115,27 @@ def _start_afresh(cfg: DictConfig) -> None:
     (resuming would end at once, or repeat the failure) or to another point that used this dir."""
     if "resume" in cfg:
         cfg.resume = "never"
+
+
+def run_point_if_free(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """:func:`run_point`, holding the point's run dir; a dir another process holds (a sweep still running
+    this point) is skipped: nothing in it is touched, and the point keeps its previous objective, if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmexp.training.run_lock import RunDirBusy, holding
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        with holding(run_dir):
+            return run_point(task, cfg)
+    except RunDirBusy as busy:
+        holder = busy.holder.describe() if busy.holder else "another process"
+        print(
+            f"busy: point {run_dir.name} ({' '.join(point_overrides())}) is held by {holder}: skipped",
+            flush=True,
+        )
+        previous = read_record(run_dir) or {}
+        return previous.get("objective") if previous.get("status") == FINISHED else f"busy: held by {holder}"
 
 
 def run_point(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
@@ -192,13 +215,28 @@ def _finish_open_wandb_run() -> None:
 
 # ------------------------------------------------------------------------------------ sets of records
 def collect_records(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every point record under ``sweep_dir``, in job order."""
+    """Every point record under ``sweep_dir``, in job order; a running point whose dir another process
+    holds now gets ``busy`` (who holds it)."""
+    from lmexp.training.run_lock import holder_of
+
     records = [read_record(path.parent) for path in Path(sweep_dir).glob(f"*/{RECORD_NAME}")]
-    return sorted((r for r in records if r), key=lambda r: (r.get("num", 0), r.get("run_dir", "")))
+    records = sorted((r for r in records if r), key=lambda r: (r.get("num", 0), r.get("run_dir", "")))
+    for record in records:
+        holder = (
+            holder_of(record["run_dir"])
+            if record.get("status") == RUNNING and record.get("run_dir")
+            else None
+        )
+        if holder is not None:
+            record["busy"] = holder.describe()
+    return records
 
 
 def point_status(record: dict[str, Any]) -> str:
-    """finished / failed / skipped (finished earlier) / running (died, or still running elsewhere)."""
+    """finished / failed / skipped (finished earlier) / busy (running now, in another process) / running
+    (started and never ended: killed or preempted)."""
+    if record.get("busy"):
+        return BUSY
     return SKIPPED if record.get("status") == FINISHED and record.get("skipped") else str(record["status"])
 
 

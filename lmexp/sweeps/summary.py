@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lmexp.sweeps.point import (
+    BUSY,
     FAILED,
     FINISHED,
     RUNNING,
@@ -57,10 +58,11 @@ def print_summary(records: Sequence[dict[str, Any]], sweep_dir: Path, direction:
             shown,
             *(params.get(k, "") for k in keys),
             str(record.get("run_dir", "")),
-            record.get("error") or "",
+            record.get("error") or (f"held by {record['busy']}" if record.get("busy") else ""),
         ]
         table.add_row(*(Text(cell) for cell in cells))  # Text: overrides like [a,b] are not rich markup
-    counts = {s: sum(point_status(r) == s for r in records) for s in (FINISHED, SKIPPED, FAILED, RUNNING)}
+    statuses = (FINISHED, SKIPPED, FAILED, BUSY, RUNNING)
+    counts = {s: sum(point_status(r) == s for r in records) for s in statuses}
     console = Console(width=max(160, Console().width), highlight=False)
     console.print(table)
     line = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
@@ -82,7 +84,13 @@ class SweepCallback(Callback):
         self.started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from lmexp.cli import exit_on_error
+        from lmexp.config.schema import parse
+        from lmexp.config.settings import SweepOptions
+
         self.started = time.time()
+        with exit_on_error():  # sweep.name makes the sweep dir, which Hydra creates right after this
+            parse(SweepOptions, config.get("sweep") or {}, "sweep")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from lmexp.cache import atomic_write_json

@@ -38,7 +38,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle)
+            writer = _FailureKeepingWriter(handle)
+            try:
+                torch.save(checkpoint, writer)
+            except RuntimeError as error:
+                if writer.failure is None:
+                    raise
+                # torch reports a failed write (full disk, size limit) as "unexpected pos": the OSError
+                # itself says why, and atomic_path turns it into one line naming the checkpoint.
+                raise writer.failure from error
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -46,6 +54,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # lmexp writes only tensors and plain data, so resuming never needs to unpickle arbitrary objects.
         weights_only = True if weights_only is None else weights_only
         return super().load_checkpoint(path, *args, weights_only=weights_only, **kwargs)
+
+
+class _FailureKeepingWriter:
+    """The file object torch.save writes to, keeping the OSError of a failed write (torch's C++ writer
+    replaces it with a RuntimeError that no longer says why)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.failure = handle, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.failure = error
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.handle.flush()
+        except OSError as error:
+            self.failure = error
+            raise
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -5,11 +5,14 @@ whenever a new column appears; a job killed during either loses rows that a resu
 Here a rewrite goes to a temporary file that is renamed over the old one, and the first save of a run
 replaces the file whole (a resumed run's carried rows included). Rows that add no column are appended,
 as Lightning does; a kill in the middle of one leaves a last line without its newline, which
-:func:`read_csv_log` (the one reader of these files: resume, reports) drops.
+:func:`read_csv_log` (the one reader of these files: resume, reports) drops. A write that fails (full disk,
+file-size limit, read-only place) leaves the file as it was and raises one
+:class:`~lmexp.errors.StorageError` line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -20,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from lmexp.cache import atomic_path
+from lmexp.errors import StorageError, is_storage_failure
 
 
 class AtomicCSVWriter(ExperimentWriter):
@@ -43,8 +47,7 @@ class AtomicCSVWriter(ExperimentWriter):
         path = Path(self.metrics_file_path)
         new_keys = self._record_new_keys()
         if self._started and path.is_file() and not new_keys:
-            with open(path, "a", newline="", encoding="utf-8") as handle:
-                csv.DictWriter(handle, fieldnames=self.metrics_keys).writerows(self.metrics)
+            _append_rows(path, self.metrics_keys, self.metrics)
         else:
             earlier = read_csv_log(path, numeric_steps=False) if self._started and path.is_file() else []
             with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
@@ -55,6 +58,21 @@ class AtomicCSVWriter(ExperimentWriter):
                 os.fsync(handle.fileno())
         self._started = True
         self.metrics = []
+
+
+def _append_rows(path: Path, keys: list[str], rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV file; if the write fails (a full disk, a file-size limit), cut the file
+    back to its previous end, so what was on disk stays exactly as it was, and say so in one line."""
+    size = path.stat().st_size
+    try:
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            csv.DictWriter(handle, fieldnames=keys).writerows(rows)
+    except OSError as error:
+        with contextlib.suppress(OSError):  # best effort: a partial last line is dropped by readers anyway
+            os.truncate(path, size)
+        if is_storage_failure(error):
+            raise StorageError(path, error) from error
+        raise
 
 
 def read_csv_log(path: Path, numeric_steps: bool = True) -> list[dict[str, str]]:

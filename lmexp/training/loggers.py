@@ -149,12 +149,19 @@ def start_resumed_wandb_run(logger: Any, attempts: int = 15) -> None:
 
 
 def close_loggers(loggers: list[Any], status: str = "success") -> None:
-    """Finalize every logger; finish the W&B run so a later job in this process starts its own."""
+    """Finalize every logger, each even if another one fails (the first failure is raised afterwards); finish
+    the W&B run so a later job in this process starts its own."""
+    failure: Exception | None = None
     for logger in loggers:
-        logger.finalize(status)
+        try:
+            logger.finalize(status)
+        except Exception as error:  # noqa: BLE001 - e.g. the CSV log on a full disk; close the others first
+            failure = failure or error
     if any(is_wandb(logger) for logger in loggers):
         import wandb
 
         if status == "preempted" and wandb.run is not None:
             wandb.run.mark_preempting()  # shown as preempted, not crashed; the resumed run continues it
         wandb.finish(exit_code=0 if status == "success" else 1)
+    if failure is not None:
+        raise failure

@@ -15,7 +15,18 @@ from omegaconf import DictConfig
 
 
 def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str, float]:
-    """Run one training job described by ``cfg``; return the final metrics (also in metrics.json)."""
+    """Run one training job described by ``cfg``; return the final metrics (also in metrics.json).
+
+    The run holds its run dir for its whole length (lmexp/training/run_lock.py): a second run on the same
+    dir stops at once, naming this one.
+    """
+    from lmexp.training.run_lock import holding
+
+    with holding(cfg.paths.run_dir):
+        return _train(cfg, extra_callbacks)
+
+
+def _train(cfg: DictConfig, extra_callbacks: list[Any] | None) -> dict[str, float]:
     from lmexp.config.settings import load_settings
     from lmexp.training.build import (
         adopt_pretrained,
@@ -60,7 +71,10 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
             results |= trainer.test(task, datamodule=datamodule, verbose=False)[0]
     except BaseException as error:
         stopped = next((c.stopped for c in callbacks if getattr(c, "stopped", None)), None)
-        close_loggers(loggers, status="preempted" if stopped else "failed")
+        try:
+            close_loggers(loggers, status="preempted" if stopped else "failed")
+        except Exception as closing:  # noqa: BLE001 - e.g. the CSV log on the full disk that stopped the run
+            logging.getLogger(__name__).warning("the loggers could not be closed: %s", closing)
         end_job(trainer, failed=True)
         if stopped:
             raise stopped from error

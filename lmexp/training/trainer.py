@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,13 +65,31 @@ class TrainerConfig(Schema):
         return name in _trainer_arguments()
 
     def problems(self) -> list[str]:
-        problems = []
+        problems = self._name_problems()
         if self.max_steps == 0:
             problems.append("trainer.max_steps=0: expected a positive integer (or -1)")
         if isinstance(self.strategy, dict) and "_target_" in self.strategy:
             problems += signature_problems(self.strategy["_target_"], self.strategy, "trainer.strategy")
         elif not isinstance(self.strategy, str):
             problems.append(f"trainer.strategy={self.strategy!r}: expected a name or a node with _target_")
+        return problems
+
+    def _name_problems(self) -> list[str]:
+        """Strings Lightning would refuse only when the Trainer is built, after the data work."""
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        problems = []
+        accelerators = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+        if isinstance(self.accelerator, str) and self.accelerator not in accelerators:
+            problems.append(
+                f"trainer.accelerator={self.accelerator!r} is not one of {', '.join(accelerators)}"
+            )
+        if isinstance(self.devices, str) and not re.fullmatch(r"auto|-1|\d+|\d+(,\s*\d+)*,?", self.devices):
+            problems.append(
+                f"trainer.devices={self.devices!r}: expected a count, auto, -1 or device indices like 0,1"
+            )
+        if isinstance(self.deterministic, str) and self.deterministic != "warn":
+            problems.append(f"trainer.deterministic={self.deterministic!r}: expected true, false or warn")
         return problems
 
     @property
