@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from lmexp.sweeps.point import (
     FAILED,
     FINISHED,
+    PRUNED,
     RUNNING,
     SKIPPED,
     best_record,
@@ -57,16 +58,22 @@ def print_summary(records: Sequence[dict[str, Any]], sweep_dir: Path, direction:
             shown,
             *(params.get(k, "") for k in keys),
             str(record.get("run_dir", "")),
-            record.get("error") or "",
+            record.get("error") or _pruned_note(record),
         ]
         table.add_row(*(Text(cell) for cell in cells))  # Text: overrides like [a,b] are not rich markup
-    counts = {s: sum(point_status(r) == s for r in records) for s in (FINISHED, SKIPPED, FAILED, RUNNING)}
+    statuses = (FINISHED, SKIPPED, PRUNED, FAILED, RUNNING)
+    counts = {s: sum(point_status(r) == s for r in records) for s in statuses}
     console = Console(width=max(160, Console().width), highlight=False)
     console.print(table)
     line = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
     if best:
         line += f"; best: point {best['num']} {objective}={best['objective']:.4f} ({best['run_dir']})"
     console.print(Text(f"sweep: {line}"))
+
+
+def _pruned_note(record: dict[str, Any]) -> str:
+    """Where a pruned point stopped (its objective column shows the value it was pruned at)."""
+    return f"pruned at step {record.get('pruned_at_step')}" if record.get("status") == PRUNED else ""
 
 
 class SweepCallback(Callback):

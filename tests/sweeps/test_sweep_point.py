@@ -141,27 +141,21 @@ def test_a_resumed_optuna_study_counts_the_trials_it_holds(tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    from hydra_plugins.lmexp_sweep import OptunaSweeper
+    from hydra_plugins.lmexp_sweep.optuna_sweeper import continue_study
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(storage=storage, study_name="s")
     for value in (3.0, 2.0):
         trial = study.ask()
         study.tell(trial, value)
+    pruned = study.ask()
+    study.tell(pruned, state=TrialState.PRUNED)
     study.ask()  # left RUNNING, as by an interrupted sweep
 
-    class Impl:  # the state OptunaSweeperImpl keeps
-        n_trials, job_idx, sweep_dir, study_name = 5, 0, str(tmp_path), "s"
-        storage = f"sqlite:///{tmp_path}/optuna.db"
-
-        def _get_directions(self) -> list[str]:
-            return ["minimize"]
-
-    impl = Impl()
-    OptunaSweeper._continue_study(impl)
-    assert (impl.n_trials, impl.job_idx) == (2, 3)  # 3 trials used; new jobs are numbered after them
+    to_go, next_job = continue_study(optuna.load_study(study_name="s", storage=storage), n_trials=6)
+    assert (to_go, next_job) == (2, 4)  # 4 trials used; new jobs are numbered after them
     states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
-    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
 
 
 def test_an_interrupted_point_resumes_and_anything_else_in_its_dir_starts_afresh(tmp_path):
