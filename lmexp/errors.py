@@ -76,3 +76,11 @@ class Preempted(Exception):
 def full_errors_requested() -> bool:
     """True when the user asked for full tracebacks, as Hydra does with ``HYDRA_FULL_ERROR=1``."""
     return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
+
+
+class TrialPruned(Exception):
+    """The run's Optuna trial was pruned at a validation: its ``objective`` was ``value`` at ``step``."""
+
+    def __init__(self, objective: str, value: float, step: int) -> None:
+        self.objective, self.value, self.step = objective, value, step
+        super().__init__(f"pruned at step {step}: {objective}={value:.4f}")

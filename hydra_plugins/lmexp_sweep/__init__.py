@@ -5,21 +5,21 @@ module in it at start-up: keep this one light (optuna is imported when a sweep r
 
 * :class:`ParallelLocalLauncher` (``hydra/launcher=local``): submitit's local launcher, one process per
   point, at most ``max_parallel`` at a time.
-* :class:`OptunaSweeper` (``hydra/sweeper=tpe``): the Optuna sweeper whose SQLite study continues where
-  an interrupted sweep stopped.
+* :class:`OptunaSweeper` (``hydra/sweeper=tpe``, optuna_sweeper.py): the Optuna sweeper whose SQLite
+  study continues where an interrupted sweep stopped, and whose pruner stops hopeless trials early.
+* :class:`~hydra_plugins.lmexp_sweep.slurm_launcher.SlurmLauncher` (``hydra/launcher=slurm``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _OptunaSweeper
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 
-log = logging.getLogger(__name__)
+from hydra_plugins.lmexp_sweep.optuna_sweeper import OptunaSweeper
+
+__all__ = ["OptunaSweeper", "ParallelLocalLauncher"]
 
 
 class ParallelLocalLauncher(LocalLauncher):
@@ -35,39 +35,3 @@ class ParallelLocalLauncher(LocalLauncher):
         for start in range(0, len(job_overrides), size):
             returns += super().launch(job_overrides[start : start + size], initial_job_idx + start)
         return returns
-
-
-class OptunaSweeper(_OptunaSweeper):
-    """The Hydra Optuna sweeper, resumable: with a storage and a study name, a re-run of the same sweep
-    counts the trials the study already holds against ``n_trials`` and numbers new jobs after them.
-
-    A trial left RUNNING by an interrupted sweep is marked failed, and a fresh trial takes its place.
-    """
-
-    def sweep(self, arguments: list[str]) -> None:
-        impl = self.sweeper
-        if impl.storage and impl.study_name:
-            self._continue_study(impl)
-        return impl.sweep(arguments)
-
-    @staticmethod
-    def _continue_study(impl: Any) -> None:
-        import optuna
-        from optuna.trial import TrialState
-
-        Path(str(impl.sweep_dir)).mkdir(parents=True, exist_ok=True)  # the SQLite file lives there
-        study = optuna.create_study(
-            storage=impl.storage,
-            study_name=impl.study_name,
-            directions=impl._get_directions(),
-            load_if_exists=True,
-        )
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study.tell(trial.number, state=TrialState.FAIL)
-        done = len(study.trials)
-        if done:
-            log.info(
-                f"Study {impl.study_name}: {done} trials done before, {max(0, impl.n_trials - done)} to go"
-            )
-        impl.n_trials = max(0, impl.n_trials - done)
-        impl.job_idx = done

@@ -12,10 +12,18 @@ Each point of a sweep runs through :func:`sweep_point`, which
 * turns a failing point (bad config, crash, NaN objective) into a recorded failure instead of an
   exception, so the other points still run. Hydra's launchers re-raise a failed job's exception when its
   return value is read, and ``lmexp.cli.guarded`` turns user errors into ``SystemExit``, which escapes
-  Hydra's job runner altogether: the point must not raise at all.
+  Hydra's job runner altogether: the point must not raise at all;
+* records a trial that its Optuna pruner stopped (lmexp/sweeps/pruning.py) as pruned, not failed; like a
+  finished point, a pruned one is skipped when the sweep runs again.
 
-Every point writes ``sweep_point.json`` (status, objective, overrides, error line) into its run dir;
-lmexp/sweeps/summary.py reads them all at the end of the sweep.
+Every point writes ``sweep_point.json`` (status, objective, overrides, error line, training steps) into its
+run dir; lmexp/sweeps/summary.py reads them all at the end of the sweep.
+
+Several ranks of one point each run it through Hydra when the cluster starts them (``srun``, torchrun;
+ranks that Lightning starts itself run rank 0's config without Hydra). Only global rank 0 decides: it
+writes the point's RUNNING record with its resume decision and the id of this attempt (:func:`attempt_id`),
+and a rank that finds that record follows the decision instead of taking the record for an interrupted
+attempt. A rank that reads the record from before rank 0 wrote decides from it exactly as rank 0 did.
 
 The launcher of ``hydra/launcher=local`` and the resumable Optuna sweeper of ``hydra/sweeper=tpe`` live in
 ``hydra_plugins/lmexp_sweep`` (Hydra only accepts plugins from its ``hydra_plugins`` namespace).
@@ -26,6 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -37,11 +46,15 @@ from omegaconf import DictConfig
 
 from lmexp.config import overrides as override_strings
 from lmexp.config.compose import is_multirun, point_overrides
-from lmexp.errors import UserError, full_errors_requested
+from lmexp.errors import TrialPruned, UserError, full_errors_requested
 
 T = TypeVar("T")
 RECORD_NAME = "sweep_point.json"
-FINISHED, FAILED, RUNNING, SKIPPED, BUSY = "finished", "failed", "running", "skipped", "busy"
+FINISHED, FAILED, RUNNING, SKIPPED = "finished", "failed", "running", "skipped"
+BUSY, PRUNED = "busy", "pruned"
+DONE = (FINISHED, PRUNED)  # a re-run of the sweep skips these points
+PRUNED_RETURN = "pruned: "  # how a pruned point's return value starts (the Optuna sweeper reads it)
+TRIAL_ENV = "LMEXP_OPTUNA_TRIAL"  # a pruning sweep's trial number, set by the sweeper for the trial's job
 
 
 # ------------------------------------------------------------------------------------- point records
@@ -70,6 +83,21 @@ def write_record(directory: Path, /, **record: Any) -> None:
         atomic_write_json(Path(directory) / RECORD_NAME, {**record, "updated": time.time()})
 
 
+def attempt_id() -> str | None:
+    """What every rank of one start of a job shares and a later start (a requeue, a rerun) does not: the
+    SLURM job, step and restart count, or torchrun's run id and restart count; else ``LMEXP_ATTEMPT_ID``
+    (None when nothing tells: each rank then decides for itself)."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID"):
+        job = env["SLURM_JOB_ID"]
+        if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+            job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        return f"slurm:{job}.{env.get('SLURM_STEP_ID', '')}:{env.get('SLURM_RESTART_COUNT', '0')}"
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun:{env['TORCHELASTIC_RUN_ID']}:{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return env.get("LMEXP_ATTEMPT_ID") or None
+
+
 def one_line(error: BaseException) -> str:
     """A failing point's error as one line: user errors as they are, others with their type."""
     text = " ".join(str(error).split()) or type(error).__name__
@@ -94,12 +122,13 @@ def point_identity(overrides: list[str]) -> list[str]:
     return override_strings.without(overrides, ["sweep"])
 
 
-def _finished_before(run_dir: Path, previous: dict | None, overrides: list[str]) -> bool:
+def _done_before(run_dir: Path, previous: dict | None, overrides: list[str]) -> bool:
+    """This very point finished (its metrics.json is there) or was pruned in an earlier attempt."""
     return bool(
         previous
-        and previous.get("status") == FINISHED
+        and previous.get("status") in DONE
         and point_identity(previous.get("overrides", [])) == point_identity(overrides)
-        and (run_dir / "metrics.json").is_file()
+        and (previous.get("status") == PRUNED or (run_dir / "metrics.json").is_file())
     )
 
 
@@ -138,6 +167,17 @@ def run_point_if_free(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any
         return previous.get("objective") if previous.get("status") == FINISHED else f"busy: held by {holder}"
 
 
+def _decided_by_rank_zero(previous: dict | None, attempt: str | None) -> bool:
+    """``previous`` is the RUNNING record that rank 0 of this very attempt wrote (a rank > 0 follows it)."""
+    return bool(
+        attempt
+        and previous
+        and previous.get("status") == RUNNING
+        and previous.get("attempt") == attempt
+        and _global_rank() > 0
+    )
+
+
 def run_point(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run one point of a sweep; return its objective, or a ``failed: ...`` string when it failed.
 
@@ -157,33 +197,67 @@ def run_point(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         "objective_name": objective,
         "sweep": sweep.get("name"),
     }
+    trial = os.environ.get(TRIAL_ENV, "")
+    if trial.isdigit():
+        base["trial"] = int(trial)
     previous = read_record(run_dir)
-    if _finished_before(run_dir, previous, overrides):
-        if not sweep.get("rerun", False):
-            print(
-                f"skip: point {run_dir.name} ({' '.join(overrides)}) already finished: "
-                f"{run_dir}/metrics.json",
-                flush=True,
-            )
-            write_record(run_dir, **{**previous, "skipped": True})
-            return previous.get("objective")
-    if previous and not _interrupted(previous, overrides):
+    attempt = attempt_id()
+    if _decided_by_rank_zero(previous, attempt):
+        if "resume" in cfg:
+            cfg.resume = previous.get("resume", cfg.resume)
+    elif _done_before(run_dir, previous, overrides) and not sweep.get("rerun", False):
+        return _skip(run_dir, previous, overrides)
+    elif previous and not _interrupted(previous, overrides):
         _start_afresh(cfg)
-    write_record(run_dir, **base, status=RUNNING, started=time.time())
+    resume = cfg.get("resume")
+    write_record(run_dir, **base, status=RUNNING, started=time.time(), attempt=attempt, resume=resume)
+    pruned = None
     try:
         value = task(cfg)
         error = _objective_problem(objective, value)
+    except TrialPruned as stop:
+        value, error, pruned = None, None, stop
     except Exception as exception:  # noqa: BLE001 - isolate the point: the sweep goes on
         value, error = None, one_line(exception)
         _keep_traceback(run_dir, exception)
     finally:
         _finish_open_wandb_run()
+    if pruned is not None:
+        print(f"pruned: point {run_dir.name} {pruned}", flush=True)
+        write_record(run_dir, **base, status=PRUNED, objective=pruned.value, error=None, skipped=False,
+                     steps=pruned.step, pruned_at_step=pruned.step)  # fmt: skip
+        return f"{PRUNED_RETURN}{pruned}"
     if error:
         print(f"error: point {run_dir.name} failed: {error}", file=sys.stderr, flush=True)
         write_record(run_dir, **base, status=FAILED, objective=None, error=error, skipped=False)
         return f"failed: {error}"
-    write_record(run_dir, **base, status=FINISHED, objective=float(value), error=None, skipped=False)
+    steps = _steps_trained(run_dir)
+    write_record(
+        run_dir, **base, status=FINISHED, objective=float(value), error=None, skipped=False, steps=steps
+    )
     return float(value)
+
+
+def _skip(run_dir: Path, previous: dict[str, Any], overrides: list[str]) -> Any:
+    """A point done in an earlier attempt: say so, mark its record skipped, return what it returned."""
+    if previous.get("status") == PRUNED:
+        print(f"skip: point {run_dir.name} ({' '.join(overrides)}) was pruned before", flush=True)
+        write_record(run_dir, **{**previous, "skipped": True})
+        return f"{PRUNED_RETURN}at step {previous.get('pruned_at_step')} before"
+    print(
+        f"skip: point {run_dir.name} ({' '.join(overrides)}) already finished: {run_dir}/metrics.json",
+        flush=True,
+    )
+    write_record(run_dir, **{**previous, "skipped": True})
+    return previous.get("objective")
+
+
+def _steps_trained(run_dir: Path) -> int | None:
+    """The optimizer steps of a finished run (``perf/global_step`` in its metrics.json)."""
+    try:
+        return int(json.loads((run_dir / "metrics.json").read_text())["perf/global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _objective_problem(objective: str, value: Any) -> str | None:
@@ -233,11 +307,16 @@ def collect_records(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def point_status(record: dict[str, Any]) -> str:
-    """finished / failed / skipped (finished earlier) / busy (running now, in another process) / running
-    (started and never ended: killed or preempted)."""
+    """finished / pruned / failed / skipped (finished earlier) / busy (running now, in another process) /
+    running (started and never ended: killed or preempted)."""
     if record.get("busy"):
         return BUSY
     return SKIPPED if record.get("status") == FINISHED and record.get("skipped") else str(record["status"])
+
+
+def pruned_return(value: Any) -> bool:
+    """Whether a point's return value says its trial was pruned."""
+    return isinstance(value, str) and value.startswith(PRUNED_RETURN)
 
 
 def best_of(

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from lmexp.config import overrides as override_strings
 from lmexp.errors import UserError
-from lmexp.sweeps.point import FAILED, FINISHED, best_of, read_record, swept_keys
+from lmexp.sweeps.point import FAILED, FINISHED, PRUNED, best_of, read_record, swept_keys
 from lmexp.sweeps.scaling_report import is_ladder_sweep, scaling_section, summary_line
 
 HEADLINE_METRICS = ("val/loss", "val/ppl", "val/acc", "val/bpw", "test/loss", "perf/tokens_per_sec")
@@ -92,7 +92,8 @@ def load_point(run_dir: Path, objective: str) -> Point:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     # Skipped on a re-run or not, a finished point is finished: the report is about results.
     status = str(record["status"]) if record else (FINISHED if metrics else "unknown")
-    value = metrics.get(objective) if status != FAILED else None
+    # A pruned point has no final value: its objective column stays empty, the note says where it stopped.
+    value = metrics.get(objective) if status not in (FAILED, PRUNED) else None
     return Point(
         num=int(record.get("num", run_dir.name) if str(record.get("num", run_dir.name)).isdigit() else -1),
         run_dir=run_dir,
@@ -101,10 +102,19 @@ def load_point(run_dir: Path, objective: str) -> Point:
         config=_flatten(config),
         metrics=metrics,
         objective=value if value is not None and math.isfinite(value) else None,
-        error=record.get("error") or "",
+        error=record.get("error") or _pruned_note(record, objective),
         sweep_name=record.get("sweep"),
         curves=_read_curves(run_dir),
     )
+
+
+def _pruned_note(record: dict[str, Any], objective: str) -> str:
+    """Where a pruned point stopped, and its objective there."""
+    if record.get("status") != PRUNED:
+        return ""
+    value = record.get("objective")
+    shown = f": {objective}={value:.4f}" if isinstance(value, (int, float)) else ""
+    return f"pruned at step {record.get('pruned_at_step')}{shown}"
 
 
 def load_points(sweep_dir: Path, objective: str) -> list[Point]:

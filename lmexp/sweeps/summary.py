@@ -22,6 +22,7 @@ from lmexp.sweeps.point import (
     BUSY,
     FAILED,
     FINISHED,
+    PRUNED,
     RUNNING,
     SKIPPED,
     best_record,
@@ -58,10 +59,12 @@ def print_summary(records: Sequence[dict[str, Any]], sweep_dir: Path, direction:
             shown,
             *(params.get(k, "") for k in keys),
             str(record.get("run_dir", "")),
-            record.get("error") or (f"held by {record['busy']}" if record.get("busy") else ""),
+            record.get("error")
+            or (f"held by {record['busy']}" if record.get("busy") else "")
+            or _pruned_note(record),
         ]
         table.add_row(*(Text(cell) for cell in cells))  # Text: overrides like [a,b] are not rich markup
-    statuses = (FINISHED, SKIPPED, FAILED, BUSY, RUNNING)
+    statuses = (FINISHED, SKIPPED, PRUNED, FAILED, BUSY, RUNNING)
     counts = {s: sum(point_status(r) == s for r in records) for s in statuses}
     console = Console(width=max(160, Console().width), highlight=False)
     console.print(table)
@@ -69,6 +72,11 @@ def print_summary(records: Sequence[dict[str, Any]], sweep_dir: Path, direction:
     if best:
         line += f"; best: point {best['num']} {objective}={best['objective']:.4f} ({best['run_dir']})"
     console.print(Text(f"sweep: {line}"))
+
+
+def _pruned_note(record: dict[str, Any]) -> str:
+    """Where a pruned point stopped (its objective column shows the value it was pruned at)."""
+    return f"pruned at step {record.get('pruned_at_step')}" if record.get("status") == PRUNED else ""
 
 
 class SweepCallback(Callback):

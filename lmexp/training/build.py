@@ -168,6 +168,7 @@ def build_loggers(cfg: DictConfig, wandb_run_id: str | None = None) -> list[Any]
 
 def build_callbacks(cfg: DictConfig, settings: RunSettings, loggers: list[Any]) -> list[Any]:
     """The ``callbacks`` group's callbacks, and the guards every run has."""
+    from lmexp.sweeps.pruning import pruning_callback
     from lmexp.training.guards import NonFiniteGuard, Preemption
     from lmexp.training.resume import LogRowsInCheckpoint
 
@@ -180,7 +181,8 @@ def build_callbacks(cfg: DictConfig, settings: RunSettings, loggers: list[Any]) 
         callbacks.append(hydra.utils.instantiate(node))
     # Always on: together they cost one scalar read per step and keep the run's state safe.
     callbacks += [NonFiniteGuard(skip=settings.trainer.skip_nonfinite), Preemption(), LogRowsInCheckpoint()]
-    return callbacks
+    pruning = pruning_callback(settings.run.objective)  # a trial of a pruning Optuna sweep
+    return callbacks + ([pruning] if pruning else [])
 
 
 def build_trainer(settings: RunSettings, cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> Any:

@@ -65,10 +65,13 @@ def _train(cfg: DictConfig, extra_callbacks: list[Any] | None) -> dict[str, floa
 
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
-        # Final metrics come from the final weights (the best checkpoint by val loss is kept as well).
-        results = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
-        if settings.run.run_test and datamodule.has_test:
-            results |= trainer.test(task, datamodule=datamodule, verbose=False)[0]
+        # An Optuna trial its pruner stopped (lmexp/sweeps/pruning.py) is not evaluated any further.
+        pruned = next((c.pruned for c in callbacks if getattr(c, "pruned", None)), None)
+        if pruned is None:
+            # Final metrics come from the final weights (the best checkpoint by val loss is kept as well).
+            results = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+            if settings.run.run_test and datamodule.has_test:
+                results |= trainer.test(task, datamodule=datamodule, verbose=False)[0]
     except BaseException as error:
         stopped = next((c.stopped for c in callbacks if getattr(c, "stopped", None)), None)
         try:
@@ -79,6 +82,10 @@ def _train(cfg: DictConfig, extra_callbacks: list[Any] | None) -> dict[str, floa
         if stopped:
             raise stopped from error
         raise
+    if pruned is not None:
+        close_loggers(loggers)  # a pruned trial ended as its sweep decided: not a failure
+        end_job(trainer)
+        raise pruned
     try:
         return finish(cfg, trainer, results, datamodule, callbacks)
     finally:

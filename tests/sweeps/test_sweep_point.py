@@ -141,27 +141,21 @@ def test_a_resumed_optuna_study_counts_the_trials_it_holds(tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    from hydra_plugins.lmexp_sweep import OptunaSweeper
+    from hydra_plugins.lmexp_sweep.optuna_sweeper import continue_study
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(storage=storage, study_name="s")
     for value in (3.0, 2.0):
         trial = study.ask()
         study.tell(trial, value)
+    pruned = study.ask()
+    study.tell(pruned, state=TrialState.PRUNED)
     study.ask()  # left RUNNING, as by an interrupted sweep
 
-    class Impl:  # the state OptunaSweeperImpl keeps
-        n_trials, job_idx, sweep_dir, study_name = 5, 0, str(tmp_path), "s"
-        storage = f"sqlite:///{tmp_path}/optuna.db"
-
-        def _get_directions(self) -> list[str]:
-            return ["minimize"]
-
-    impl = Impl()
-    OptunaSweeper._continue_study(impl)
-    assert (impl.n_trials, impl.job_idx) == (2, 3)  # 3 trials used; new jobs are numbered after them
+    to_go, next_job = continue_study(optuna.load_study(study_name="s", storage=storage), n_trials=6)
+    assert (to_go, next_job) == (2, 4)  # 4 trials used; new jobs are numbered after them
     states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
-    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
 
 
 def test_an_interrupted_point_resumes_and_anything_else_in_its_dir_starts_afresh(tmp_path):
@@ -178,3 +172,61 @@ def test_an_interrupted_point_resumes_and_anything_else_in_its_dir_starts_afresh
     write_record(tmp_path, **{**interrupted, "status": "failed"})
     run_point(training, point_config(tmp_path, "optim.lr=0.01"))
     assert training.seen[-1]["resume"] == "never"  # a failed attempt is not continued
+
+
+def test_a_pruned_point_is_recorded_as_pruned_and_stays_pruned_when_the_sweep_runs_again(tmp_path, capsys):
+    from lmexp.errors import TrialPruned
+    from lmexp.sweeps.point import pruned_return
+
+    def pruned(cfg: DictConfig) -> float:
+        raise TrialPruned("val/loss", 7.5, 5)
+
+    value = run_point(pruned, point_config(tmp_path, "optim.lr=3.0"))
+    assert pruned_return(value)  # the Optuna sweeper leaves its trial PRUNED, not FAIL
+    record = read_record(tmp_path)
+    assert (record["status"], record["objective"], record["pruned_at_step"], record["error"]) == (
+        "pruned", 7.5, 5, None
+    )  # fmt: skip
+    assert f"pruned: point {tmp_path.name} pruned at step 5: val/loss=7.5000" in capsys.readouterr().out
+
+    training = FakeTraining()
+    assert pruned_return(run_point(training, point_config(tmp_path, "optim.lr=3.0")))
+    assert training.calls == 0 and read_record(tmp_path)["status"] == "pruned"
+    assert "was pruned before" in capsys.readouterr().out
+
+
+def test_the_other_ranks_of_a_point_follow_rank_zeros_decision_of_this_attempt(tmp_path, monkeypatch):
+    # The race of a rerun: rank 0 found a failed attempt, chose to start afresh and wrote RUNNING; rank 1
+    # reads that record afterwards. Taken for an interrupted attempt, it would resume old checkpoints.
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    overrides = ["sweep.name=unit", "optim.lr=0.01"]
+    rank_zero = {"num": 0, "status": "running", "overrides": overrides, "resume": "never"}
+    training = FakeTraining()
+
+    write_record(tmp_path, **rank_zero, attempt="slurm:41.0:0")  # as rank 0 wrote it (rank 1 writes none)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    run_point(training, point_config(tmp_path, "optim.lr=0.01"))
+    assert training.seen[-1]["resume"] == "never"  # rank 0's decision, not a resume
+
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    write_record(tmp_path, **rank_zero, attempt="slurm:41.0:0")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeue: the record is an interrupted attempt
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    run_point(training, point_config(tmp_path, "optim.lr=0.01"))
+    assert training.seen[-1]["resume"] == "auto"
+
+
+def test_rank_zero_writes_its_decision_and_attempt_into_the_running_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMEXP_ATTEMPT_ID", "try-7")
+    seen = []
+
+    def training(cfg: DictConfig) -> float:
+        seen.append(read_record(tmp_path))
+        return FakeTraining()(cfg)
+
+    write_record(tmp_path, num=0, status="failed", overrides=["sweep.name=unit"], error="boom")
+    run_point(training, point_config(tmp_path))
+    assert (seen[0]["status"], seen[0]["attempt"], seen[0]["resume"]) == ("running", "try-7", "never")
