@@ -7,7 +7,6 @@ import random
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import lmexp.data.tokenizer as tokenizer_module
@@ -93,24 +92,6 @@ def test_byte_fallback_round_trips_unseen_characters(tok: Tokenizer) -> None:
     (encoded,) = tok.encode([text])
     assert tok.unk_id not in encoded
     assert tok.decode(encoded) == text
-
-
-@pytest.mark.parametrize(
-    "text", ["The quick dog, jumps over: the (red) cat!", "a b c", "Ω alpha 42 x-ray don't"]
-)
-def test_word_start_mask_counts_words(tok: Tokenizer, text: str) -> None:
-    mask = tok.word_start_mask()
-    assert mask.dtype == np.bool_ and mask.shape == (tok.vocab_size,)
-    assert not mask[[0, 1, 2, 3]].any()
-    assert not any(mask[tok.special_id(p)] for p in SPECIALS)
-    (encoded,) = tok.encode([text])
-    assert int(mask[encoded].sum()) == len(text.split())
-
-
-def test_word_start_mask_counts_words_in_documents(tok: Tokenizer) -> None:
-    mask = tok.word_start_mask()
-    docs = make_documents(20, seed=5)
-    assert sum(int(mask[ids].sum()) for ids in tok.encode(docs)) == sum(len(d.split()) for d in docs)
 
 
 def test_cache_is_reused_without_training(
