@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from lmexp.cli import fold_hydra_report, quote_non_ascii
+
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
@@ -125,3 +127,23 @@ def test_checkpoint_that_does_not_fit_the_run(cli, tmp_path, checkpoint, overrid
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f"error: ckpt_path={checkpoint}") and culprit in lines[0]
     assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_non_ascii_values_are_quoted_for_hydra() -> None:
+    argv = ["prompt=大语言模型", "data.path=语料/*.txt", "model=gpt", "+tag=naïve", 'x="已引"', "a=[中,文]"]
+    assert quote_non_ascii(argv) == [
+        'prompt="大语言模型"',
+        'data.path="语料/*.txt"',
+        "model=gpt",
+        '+tag="naïve"',
+        'x="已引"',
+        "a=[中,文]",
+    ]
+
+
+def test_hydra_lexer_errors_fold_into_a_quoting_hint() -> None:
+    report = (
+        "LexerNoViableAltException: a=[中,文]\n    ^\nSee https://hydra.cc/docs/advanced/override_grammar"
+    )
+    line = fold_hydra_report(report)
+    assert line.startswith("cannot read the override 'a=[中,文]'") and "quote it" in line and "\n" not in line

@@ -101,8 +101,8 @@ class EvaluationBatches(Sampler[list[int]]):
     ``groups`` holds the dataset indices of each source, in order (all of a split, or an evenly spaced
     subset of it). Rank r of w takes every w-th index of each group from its r-th, so over all ranks every
     index is used exactly once, and cuts its share of each group into batches of ``batch_size`` (the last
-    one of a group may be short). A batch is therefore one source's, which per-source metrics need
-    without a second forward pass. Rank 0 has the most batches (:attr:`most_batches`).
+    one of a group may be short), taken from the groups in turn. A batch is therefore one source's, which
+    per-source metrics need without a second forward pass. Rank 0 has the most batches (:attr:`most_batches`).
     """
 
     def __init__(self, groups: Sequence[Sequence[int]], batch_size: int, rank: int = 0, world_size: int = 1):
@@ -114,10 +114,21 @@ class EvaluationBatches(Sampler[list[int]]):
         return sum(-(-share // self.batch_size) for share in shares)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for group in self.groups:
-            share = group[self.rank :: self.world_size]
-            for start in range(0, len(share), self.batch_size):
-                yield share[start : start + self.batch_size].tolist()
+        # Round robin over the groups, so that an evaluation cut short (trainer.limit_val_batches) still
+        # scores every source.
+        batches = [self._group_batches(group) for group in self.groups]
+        while batches:
+            for batch_iter in list(batches):
+                batch = next(batch_iter, None)
+                if batch is None:
+                    batches.remove(batch_iter)
+                else:
+                    yield batch
+
+    def _group_batches(self, group: np.ndarray) -> Iterator[list[int]]:
+        share = group[self.rank :: self.world_size]
+        for start in range(0, len(share), self.batch_size):
+            yield share[start : start + self.batch_size].tolist()
 
     def __len__(self) -> int:
         return self._batches_of(self.rank)

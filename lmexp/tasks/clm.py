@@ -10,6 +10,7 @@ something, the corpus's floor when known, and for a mixture of sources each sour
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -106,7 +107,10 @@ class CausalLMTask(Task):
         if self.bpw_floor is not None and "bpw" in values:
             values["bpw_floor"] = torch.tensor(self.bpw_floor)
         for name, metrics in zip(self.sources, self.source_metrics[split], strict=True):
-            source_values = metrics.compute()  # every rank computes every source: the sync is collective
+            with warnings.catch_warnings():  # a source with no batch on this rank is expected
+                warnings.filterwarnings("ignore", "The ``compute`` method", UserWarning)
+                source_values = metrics.compute()  # every rank computes every source: the sync is collective
             metrics.reset()
-            values |= {f"{name}/{key}": value for key, value in source_values.items()}
+            if source_values["tokens"] > 0:  # a source outside trainer.limit_val_batches has no metrics
+                values |= {f"{name}/{key}": value for key, value in source_values.items()}
         return values
