@@ -23,6 +23,7 @@ import functools
 import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -48,11 +49,31 @@ def _release_stderr() -> str:
 
 
 QUOTING_HINT = (
-    "Hydra's override grammar reads unquoted values as plain ASCII words: quote the value, e.g. "
+    "Hydra's override grammar cannot read this value unquoted: quote it, e.g. "
     "'prompt=\"大语言模型\"' (single quotes for the shell, double quotes for Hydra)"
 )
 BRACKETS_HINT = "a list is written [a,b], a mapping {k:v}; quote values with spaces or other symbols"
 _GRAMMAR_MARK = "override_grammar"  # Hydra ends every override parse error with a link to its grammar
+
+
+# Characters with a meaning in Hydra's override grammar (lists, dicts, sweeps, interpolations, quoting):
+# a value with any of them is left for Hydra to read.
+_HYDRA_SYNTAX = set("'\"\\,[]{}()$")
+_OVERRIDE = re.compile(r"^([+~]{0,2}[A-Za-z_][\w.@/-]*)=(.*)$", re.DOTALL)
+
+
+def quote_non_ascii(argv: list[str]) -> list[str]:
+    """``argv`` with every ``key=value`` override whose value has non-ASCII characters (and none of
+    Hydra's syntax) double-quoted: Hydra's lexer reads unquoted values as ASCII only, so
+    ``prompt=大语言模型`` or ``data.path=语料.txt`` would otherwise fail. Everything else is unchanged."""
+    quoted = []
+    for argument in argv:
+        match = _OVERRIDE.match(argument)
+        value = match.group(2) if match else ""
+        if match and not value.isascii() and not (_HYDRA_SYNTAX & set(value)):
+            argument = f'{match.group(1)}="{value}"'
+        quoted.append(argument)
+    return quoted
 
 
 def fold_hydra_report(text: str, overrides: Sequence[str] = ()) -> str:
@@ -171,6 +192,7 @@ def run_cli(main: Callable[..., Any]) -> None:
     if os.environ.get(RANK_CONFIG_ENV):
         _run_relaunched_rank(main)
         return
+    sys.argv[1:] = quote_non_ascii(sys.argv[1:])
     if external_rank() > 0 and "hydra.output_subdir=null" not in sys.argv:
         sys.argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/
     if full_errors_requested():

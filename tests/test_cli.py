@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from lmexp.cli import fold_hydra_report, quote_non_ascii
+
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
@@ -26,9 +28,32 @@ def _files(tmp: Path) -> dict[str, Path]:
     files["one_doc"] = _small_corpus(tmp / "one_doc.txt", n_docs=1, words_per_doc=3000)
     files["bad_jsonl"] = tmp / "bad.jsonl"
     files["bad_jsonl"].write_text('{"text": "a fine document"}\n{"text": "cut short\n', encoding="utf-8")
+    _bad_data_files(tmp, files)
     files["corrupt_ckpt"] = tmp / "corrupt.ckpt"
     files["corrupt_ckpt"].write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
     return files
+
+
+def _bad_data_files(tmp: Path, files: dict[str, Path]) -> None:
+    """Damaged corpora in the formats of the data engine (lmexp/data/sources.py)."""
+    import gzip
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = gzip.compress("\n\n".join(f"document {i} with a few words" for i in range(2000)).encode())
+    files["cut_gz"] = tmp / "cut.txt.gz"
+    files["cut_gz"].write_bytes(data[: len(data) // 2])  # the gzip stream ends early
+    files["good_parquet"] = tmp / "good.parquet"
+    pq.write_table(pa.table({"text": [f"doc {i} words here" for i in range(500)]}), files["good_parquet"])
+    raw = files["good_parquet"].read_bytes()
+    files["corrupt_parquet"] = tmp / "corrupt.parquet"
+    files["corrupt_parquet"].write_bytes(raw[:100] + b"\0" * 200 + raw[300:])  # a damaged column chunk
+    files["no_text_parquet"] = tmp / "body.parquet"
+    pq.write_table(pa.table({"body": ["a b c"] * 50}), files["no_text_parquet"])
+    files["blank_jsonl"] = tmp / "blank.jsonl"
+    files["blank_jsonl"].write_text("\n".join(json.dumps({"text": "  "}) for _ in range(5)) + "\n")
 
 
 CASES = {
@@ -62,6 +87,18 @@ CASES = {
         "NSP",
     ),
     "malformed jsonl": (["data=text", "data.path={bad_jsonl}"], "bad.jsonl line 2"),
+    "truncated gz": (["data=text", "data.path={cut_gz}"], "cut.txt.gz: is truncated"),
+    "corrupt parquet": (
+        ["data=text", "data.path={corrupt_parquet}"],
+        "corrupt.parquet row group 0 is damaged",
+    ),
+    "parquet without the text column": (["data=text", "data.path={no_text_parquet}"], "has no column 'text'"),
+    "mixture weight 0": (
+        ["data=mixture", "data.sources.text.path={good_parquet}", "data.sources.text.weight=0"],
+        "data.sources.text.weight=0",
+    ),
+    "source without documents": (["data=text", "data.path={blank_jsonl}"], "contains no documents"),
+    "missing datasets path": (["data=hf", "data.hf.path={missing}"], "data.hf.path: "),
     "unknown config option": (["scheduler=linear"], "scheduler/linear"),
     "lr not a number": (["optim.lr=fast"], "optim.lr"),
     "unknown resume mode": (["resume=sometimes"], "resume="),
@@ -125,3 +162,23 @@ def test_checkpoint_that_does_not_fit_the_run(cli, tmp_path, checkpoint, overrid
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f"error: ckpt_path={checkpoint}") and culprit in lines[0]
     assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_non_ascii_values_are_quoted_for_hydra() -> None:
+    argv = ["prompt=大语言模型", "data.path=语料/*.txt", "model=gpt", "+tag=naïve", 'x="已引"', "a=[中,文]"]
+    assert quote_non_ascii(argv) == [
+        'prompt="大语言模型"',
+        'data.path="语料/*.txt"',
+        "model=gpt",
+        '+tag="naïve"',
+        'x="已引"',
+        "a=[中,文]",
+    ]
+
+
+def test_hydra_lexer_errors_fold_into_a_quoting_hint() -> None:
+    report = (
+        "LexerNoViableAltException: a=[中,文]\n    ^\nSee https://hydra.cc/docs/advanced/override_grammar"
+    )
+    line = fold_hydra_report(report)
+    assert line.startswith("cannot read the override 'a=[中,文]'") and "quote it" in line and "\n" not in line

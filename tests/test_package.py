@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lmexp"
-ENTRY_POINTS = {"train", "eval", "generate", "export", "plan", "report"}
+ENTRY_POINTS = {"train", "eval", "generate", "export", "plan", "report", "prepare"}
 SHARED = {"errors", "cli", "cache"}  # what every room may import
 ROOMS = {"config", "models", "data", "tasks", "training", "inference", "sweeps"}
 

@@ -18,7 +18,11 @@ def cross_group_problems(settings: Any, pretrained: Any = None) -> list[str]:
     problems = task_problems(settings, task_class, pretrained)
     if problems:  # the rest assumes the task, model and data belong together
         return problems
-    return sequence_problems(settings, task_class, pretrained) + pretrained_problems(settings, pretrained)
+    return (
+        sequence_problems(settings, task_class, pretrained)
+        + pretrained_problems(settings, pretrained)
+        + document_mask_problems(settings, task_class)
+    )
 
 
 def task_problems(settings: Any, task_class: Any, pretrained: Any) -> list[str]:
@@ -108,3 +112,21 @@ def output_name_problems(loggers: Any, callbacks: Any) -> list[str]:
         if problem := name_problem(str(value)):
             found.append(f"{key}={value!r}: {problem}")
     return found
+
+
+def document_mask_problems(settings: Any, task_class: Any) -> list[str]:
+    """``data.document_mask`` needs packed blocks and a model kind whose attention takes ``document_ids``."""
+    if not getattr(settings.data, "document_mask", False):
+        return []
+    spec = settings.model_spec
+    if task_class.data_format != "blocks":
+        return [f"data.document_mask=true: task={task_class.name} reads no packed blocks; set it to false"]
+    if not spec.document_mask:
+        from lmexp.models.registry import MODELS
+
+        able = ", ".join(kind for kind, other in MODELS.items() if other.document_mask)
+        return [
+            f"data.document_mask=true: model={choice('model', spec.kind)} cannot mask attention at document "
+            f"boundaries (model kinds that can: {able}); set data.document_mask=false"
+        ]
+    return []

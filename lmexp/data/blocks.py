@@ -28,7 +28,7 @@ class StreamBlocks(TokenBlocks):
     def __init__(
         self, stream: ShardStream, block_size: int, pad_id: int, source_id: int = 0, split: str = "data"
     ) -> None:
-        super().__init__(stream, block_size, pad_id, None, split)
+        super().__init__(stream, block_size, pad_id, split)
         self.source_id = source_id
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:

@@ -14,13 +14,15 @@ source and split, :meth:`~PreparedCorpus.training` the weighted mixture and its 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmexp.data.prepare import PrepareConfig, PreparedSource, open_prepared, plan_source, prepare_source
 from lmexp.data.sources import SourceSpec
-from lmexp.data.tokenizer import MODEL_FILE, Tokenizer, TokenizerConfig, tokenizer_cache_dir
+from lmexp.data.tokenizer import MODEL_FILE, Tokenizer, TokenizerConfig, load_tokenizer, tokenizer_cache_dir
 from lmexp.data.tokenizer_sample import SampleConfig, tokenizer_corpus_key, train_or_load_sampled_tokenizer
 from lmexp.errors import ConfigError, DataError
 
@@ -29,7 +31,8 @@ from lmexp.errors import ConfigError, DataError
 class PreparedCorpus:
     """Every source of a corpus, prepared with one tokenizer."""
 
-    tokenizer: Tokenizer
+    tokenizer: Any
+    """lmexp's sentencepiece :class:`Tokenizer`, or a Hugging Face tokenizer (``HFTokenizer``)."""
     sources: dict[str, PreparedSource]
     """By source name, in the order given."""
 
@@ -85,7 +88,8 @@ def prepare_corpus(
     the token shards of ``sources``.
 
     ``tokenizer``: a :class:`TokenizerConfig` (trained on a sample of the training documents, cached) or
-    the path of a sentencepiece ``.model`` trained by lmexp. ``rank``/``world_size``: this process's share
+    the path of a ready tokenizer: a sentencepiece ``.model`` trained by lmexp, or a Hugging Face tokenizer
+    directory (:func:`~lmexp.data.tokenizer.load_tokenizer`). ``rank``/``world_size``: this process's share
     of the work among the processes preparing the same corpus (one per node, or the tasks of an array).
     """
     config = config or PrepareConfig()
@@ -100,7 +104,7 @@ def prepare_corpus(
             model = tokenizer_cache_dir(key, tokenizer, cache_dir) / MODEL_FILE
             loaded = Tokenizer.load(model, tokenizer.num_threads)
     else:
-        loaded = Tokenizer.load(Path(tokenizer).expanduser())
+        loaded = load_tokenizer(tokenizer)
     prepared = {}
     for spec in sources:
         if build:
@@ -122,3 +126,29 @@ def _check_sources(sources: list[SourceSpec]) -> None:
         problems.append("data.sources: no source has training documents (every one has assign_split)")
     if problems:
         raise ConfigError(problems)
+
+
+def process_share(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) of this process among the processes that prepare the same corpus together.
+
+    Read from the environment, first match wins: a SLURM job array (``SLURM_ARRAY_TASK_ID`` from
+    ``SLURM_ARRAY_TASK_MIN`` in steps of ``SLURM_ARRAY_TASK_STEP``, ``SLURM_ARRAY_TASK_COUNT`` tasks), the
+    global ``RANK``/``WORLD_SIZE`` of torchrun or Lightning's launchers, ``SLURM_PROCID``/``SLURM_NTASKS``
+    of ``srun``; else (0, 1). Any split of the work is correct (every process builds what is left, each
+    unit once, under its lock); a right one lets the processes start on different units.
+    """
+    env = os.environ if environ is None else environ
+
+    def number(name: str, default: int | None = None) -> int | None:
+        value = env.get(name, "")
+        return int(value) if value.strip().lstrip("-").isdigit() else default
+
+    task, count = number("SLURM_ARRAY_TASK_ID"), number("SLURM_ARRAY_TASK_COUNT")
+    if task is not None and count:
+        step = number("SLURM_ARRAY_TASK_STEP", 1) or 1
+        return ((task - (number("SLURM_ARRAY_TASK_MIN", 0) or 0)) // step) % count, count
+    for rank_name, world_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        rank, world = number(rank_name), number(world_name)
+        if rank is not None and world and 0 <= rank < world:
+            return rank, world
+    return 0, 1

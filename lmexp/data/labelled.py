@@ -370,16 +370,8 @@ class LabelledData(ShardedLoaders, LightningDataModule):
         return LabelledExamples(input_ids, labels, n_words)
 
     # ---------------------------------------------------------------------------------- loaders
-    def _loader_options(self) -> dict[str, Any]:
-        workers = self.num_workers
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return {
-            "num_workers": workers,
-            "pin_memory": pin,  # page-locked batches: the copy to the GPU can overlap compute
-            "persistent_workers": workers > 0,
-            "collate_fn": PadCollator(self.tokenizer.pad_id),
-            "generator": torch.Generator().manual_seed(self.seed),
-        }
+    def collate_fn(self, split: str) -> PadCollator:
+        return PadCollator(self.tokenizer.pad_id)
 
     def _too_few_for_a_batch(self, n_examples: int) -> str:
         return (

@@ -68,6 +68,7 @@ from lmexp.data.sources import (
     plan_units,
     read_unit,
 )
+from lmexp.data.tokenizer import tokenizer_files
 from lmexp.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ def token_directory(plan: SourcePlan, tokenizer_path: Path, config: PrepareConfi
     key = stable_hash(
         {
             "engine": ENGINE_VERSION,
-            "tokenizer": files_digest([Path(tokenizer_path)]),
+            "tokenizer": files_digest(tokenizer_files(tokenizer_path)),
             "splits": {plan.spec.assign_split: 1.0} if plan.spec.assign_split else config.splits,
             "split_seed": config.split_seed,
         }
@@ -299,7 +300,9 @@ def prepare_source(
     rank: int = 0,
     world_size: int = 1,
 ) -> PreparedSource:
-    """Build (or reuse) the token shards of ``spec`` with the sentencepiece model at ``tokenizer_path``.
+    """Build (or reuse) the token shards of ``spec`` with the tokenizer at ``tokenizer_path`` (a
+    sentencepiece ``.model`` file or a Hugging Face tokenizer directory, see
+    :func:`lmexp.data.tokenizer.load_tokenizer`).
 
     ``rank`` of ``world_size`` preparing processes (see the module docstring); each starts
     ``config.workers`` worker processes. Returns when every unit is built and checked.
@@ -408,7 +411,7 @@ def _finish(plan: SourcePlan, directory: Path, tokenizer_path: Path, config: Pre
             raise DataError(f"{directory}: shard {problem} right after it was built; check the disk")
     if sum(sum(s["n_documents"] for s in entry["shards"].values()) for entry in entries) == 0:
         raise DataError(
-            f"{plan.spec.key}.path: {plan.spec.path} yields no documents; expected non-empty text"
+            f"{plan.spec.path_key}: {plan.spec.path} yields no documents; expected non-empty text"
         )
     index = {
         "engine": ENGINE_VERSION,
@@ -451,6 +454,7 @@ def _run_subprocess_workers(job: dict[str, Any], directory: Path, n_workers: int
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+        "RAYON_NUM_THREADS": "1",  # a Hugging Face tokenizer's thread pool: one core per worker, too
     }
     with tempfile.TemporaryDirectory(prefix=".jobs-", dir=directory) as jobs:
         workers = []
@@ -512,14 +516,14 @@ def build_units(job: dict[str, Any]) -> list[int]:
     Units whose lock is held by another builder are skipped and revisited; when only such units are
     left, the worker polls them every 0.1 s, so it returns only once every unit has an entry.
     """
-    from lmexp.data.tokenizer import Tokenizer
+    from lmexp.data.tokenizer import load_tokenizer
 
     plan = json.loads(Path(job["plan"]).read_text(encoding="utf-8"))
     units = [Unit(**unit) for unit in plan["units"]]
     spec = SourceSpec(**job["spec"])
     config = PrepareConfig(**job["config"])
     directory = Path(job["directory"])
-    tokenizer = Tokenizer.load(Path(job["tokenizer"]), num_threads=1)  # one core per worker
+    tokenizer = load_tokenizer(Path(job["tokenizer"]), num_threads=1)  # one core per worker
     context = _BuildContext(spec, config, directory, tokenizer)
     built: list[int] = []
     pending = unit_order(len(units), job["rank"], job["world_size"], job["worker"], job["n_workers"])

@@ -16,7 +16,7 @@ input                          unit of work
 ``datasets`` streaming         one of the dataset's shards (``IterableDataset.shard``)
 =============================  =================================================================
 
-Document rules match :mod:`lmexp.data.text`: ``.txt`` documents are separated by one or more blank
+Document rules: ``.txt`` documents are separated by one or more blank
 (whitespace-only) lines, lines inside a document keep their newlines, the document is right-stripped;
 ``\\r\\n`` and ``\\r`` become ``\\n`` and a leading byte-order mark is dropped. ``.jsonl`` and tabular
 sources yield the ``text_field`` string of each record; whitespace-only (or null) texts are skipped.
@@ -87,10 +87,15 @@ class SourceSpec:
     """Put every document in this split (e.g. ``val`` for a held-out file) instead of hashing it."""
     key: str = ""
     """The config key named in error messages; default ``data.sources.<name>``."""
+    path_key: str = ""
+    """The config key of ``path`` in error messages; default ``<key>.path`` (``data.val_path`` for a
+    held-out file of ``data=text``)."""
 
     def __post_init__(self) -> None:
         if not self.key:
             self.key = f"data.sources.{self.name}"
+        if not self.path_key:
+            self.path_key = f"{self.key}.path"
 
     def problems(self) -> list[str]:
         """Every problem with the settings (not the files), each naming its config key."""
@@ -98,7 +103,9 @@ class SourceSpec:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             found.append(f"{key}.name={self.name!r}: expected a non-empty name without '/'")
         if not self.path or (isinstance(self.path, list) and not all(isinstance(p, str) for p in self.path)):
-            found.append(f"{key}.path={self.path!r}: expected a file, a directory, a glob or a list of them")
+            found.append(
+                f"{self.path_key}={self.path!r}: expected a file, a directory, a glob or a list of them"
+            )
         if self.format not in FORMATS:
             found.append(f"{key}.format={self.format!r} is not one of {', '.join(FORMATS)}")
         if not isinstance(self.text_field, str) or not self.text_field:
@@ -120,7 +127,7 @@ class SourceSpec:
     def content_dict(self) -> dict[str, Any]:
         """The fields that decide which documents the source yields (not its name, weight or key)."""
         content = asdict(self)
-        for ignored in ("name", "weight", "key", "assign_split"):
+        for ignored in ("name", "weight", "key", "path_key", "assign_split"):
             del content[ignored]
         return content
 
@@ -177,7 +184,7 @@ def _resolve_entry(entry: str, spec: SourceSpec) -> list[Path]:
     if _GLOB_CHARS & set(expanded):
         matches = [Path(m).resolve() for m in glob.glob(expanded, recursive=True) if Path(m).is_file()]
         if not matches:
-            raise DataError(f"{spec.key}.path: glob {entry} matches no files")
+            raise DataError(f"{spec.path_key}: glob {entry} matches no files")
         return matches
     path = Path(expanded)
     if path.is_file():
@@ -186,10 +193,10 @@ def _resolve_entry(entry: str, spec: SourceSpec) -> list[Path]:
         matches = [p.resolve() for p in path.rglob("*") if p.is_file() and _is_supported(p)]
         if not matches:
             raise DataError(
-                f"{spec.key}.path: directory {path} contains no .txt, .jsonl, .parquet (or .gz/.zst) files"
+                f"{spec.path_key}: directory {path} contains no .txt, .jsonl, .parquet (or .gz/.zst) files"
             )
         return matches
-    raise DataError(f"{spec.key}.path: {path} does not exist; expected a file, a directory or a glob")
+    raise DataError(f"{spec.path_key}: {path} does not exist; expected a file, a directory or a glob")
 
 
 def _is_supported(path: Path) -> bool:
@@ -211,11 +218,11 @@ def file_format(path: Path, spec: SourceSpec) -> tuple[str, str | None]:
     else:
         found = "".join(suffixes[-2:]) or "(none)"
         raise DataError(
-            f"{spec.key}.path: {path} has unsupported extension {found!r}; expected .txt, .jsonl or "
+            f"{spec.path_key}: {path} has unsupported extension {found!r}; expected .txt, .jsonl or "
             ".parquet, optionally compressed (.txt.gz, .jsonl.zst), or set {spec.key}.format"
         )
     if fmt == "parquet" and compression:
-        raise DataError(f"{spec.key}.path: {path}: Parquet compresses itself; expected an uncompressed file")
+        raise DataError(f"{spec.path_key}: {path}: Parquet compresses itself; expected an uncompressed file")
     return fmt, compression
 
 
@@ -328,7 +335,7 @@ def _plan_parquet(path: Path, spec: SourceSpec, unit_bytes: int) -> list[Unit]:
             units.append(Unit(0, "parquet", str(path), start, group + 1, None, size))
             start, size = group + 1, 0
     if not units:
-        raise DataError(f"{spec.key}.path: {path} has no row groups; expected a Parquet file with documents")
+        raise DataError(f"{spec.path_key}: {path} has no row groups; expected a Parquet file with documents")
     return units
 
 
@@ -341,18 +348,18 @@ def _parquet_file(path: Path, spec: SourceSpec) -> Any:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(
-            f"{spec.key}.path: {path} is not a readable Parquet file ({_one_line(err)}); expected Parquet"
+            f"{spec.path_key}: {path} is not a readable Parquet file ({_one_line(err)}); expected Parquet"
         ) from None
     schema = parquet.schema_arrow
     if spec.text_field not in schema.names:
         raise DataError(
-            f"{spec.key}.path: {path} has no column {spec.text_field!r} "
+            f"{spec.path_key}: {path} has no column {spec.text_field!r} "
             f"(columns: {', '.join(schema.names)}); set {spec.key}.text_field"
         )
     column_type = schema.field(spec.text_field).type
     if not _is_string_type(column_type):
         raise DataError(
-            f"{spec.key}.path: {path} column {spec.text_field!r} is {column_type}; expected strings"
+            f"{spec.path_key}: {path} column {spec.text_field!r} is {column_type}; expected strings"
         )
     return parquet
 
@@ -372,7 +379,7 @@ def _plan_hf(spec: SourceSpec, unit_bytes: int) -> list[Unit]:
         return [Unit(0, "hf_shard", where, i, dataset.num_shards) for i in range(dataset.num_shards)]
     n_rows = len(dataset)
     if n_rows == 0:
-        raise DataError(f"{spec.key}.path: {where} split {spec.split!r} has no rows; expected documents")
+        raise DataError(f"{spec.path_key}: {where} split {spec.split!r} has no rows; expected documents")
     n_bytes = max(1, int(dataset.data.nbytes))
     rows_per_unit = max(1, int(n_rows * unit_bytes / n_bytes))
     return [
@@ -409,9 +416,9 @@ def open_hf_dataset(spec: SourceSpec) -> Any:
     else:
         looks_local = path.startswith(("/", ".", "~")) or local.exists()
         if looks_local and not local.exists():
-            raise DataError(f"{spec.key}.path: {local} does not exist; expected a dataset directory or files")
+            raise DataError(f"{spec.path_key}: {local} does not exist; expected a dataset directory or files")
         if not looks_local and path not in HF_PACKAGED_BUILDERS and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise DataError(f"{spec.key}.path: {path} is not a local dataset and HF_HUB_OFFLINE=1")
+            raise DataError(f"{spec.path_key}: {path} is not a local dataset and HF_HUB_OFFLINE=1")
         if path in HF_PACKAGED_BUILDERS:
             _check_local_data_files(spec)
         try:
@@ -426,7 +433,7 @@ def open_hf_dataset(spec: SourceSpec) -> Any:
             )
         except (ValueError, OSError, KeyError, RuntimeError) as err:  # OSError: also connection errors
             raise DataError(
-                f"{spec.key}.path: datasets.load_dataset({path!r}, split={spec.split!r}) failed: "
+                f"{spec.path_key}: datasets.load_dataset({path!r}, split={spec.split!r}) failed: "
                 f"{_one_line(err)}"
             ) from None
     _check_hf_column(dataset, spec)
@@ -447,7 +454,7 @@ def _from_disk(local: Path, spec: SourceSpec) -> Any:
     try:
         dataset = datasets.load_from_disk(str(local))
     except (FileNotFoundError, ValueError, OSError) as err:
-        raise DataError(f"{spec.key}.path: {local} cannot be loaded ({_one_line(err)})") from None
+        raise DataError(f"{spec.path_key}: {local} cannot be loaded ({_one_line(err)})") from None
     if isinstance(dataset, datasets.DatasetDict):
         if spec.split not in dataset:
             raise DataError(
@@ -466,13 +473,13 @@ def _check_hf_column(dataset: Any, spec: SourceSpec) -> None:
         return
     if spec.text_field not in features:
         raise DataError(
-            f"{spec.key}.path: {_hf_where(spec)} has no column {spec.text_field!r} "
+            f"{spec.path_key}: {_hf_where(spec)} has no column {spec.text_field!r} "
             f"(columns: {', '.join(features)}); set {spec.key}.text_field"
         )
     dtype = getattr(features[spec.text_field], "dtype", None)
     if dtype not in ("string", "large_string", "string_view"):
         raise DataError(
-            f"{spec.key}.path: {_hf_where(spec)} column {spec.text_field!r} is "
+            f"{spec.path_key}: {_hf_where(spec)} column {spec.text_field!r} is "
             f"{features[spec.text_field]}; expected strings"
         )
 
@@ -567,7 +574,7 @@ class _Lines:
 
     def error(self, what: str, line: bool = True) -> DataError:
         where = f" line {self.line_number()}" if line and self.line_in_unit else ""
-        return DataError(f"{self.spec.key}.path: {self.unit.path}{where}: {what}")
+        return DataError(f"{self.spec.path_key}: {self.unit.path}{where}: {what}")
 
 
 def _open_binary(unit: Unit, spec: SourceSpec) -> BinaryIO:
@@ -578,9 +585,9 @@ def _open_binary(unit: Unit, spec: SourceSpec) -> BinaryIO:
             return io.BufferedReader(_ZstdReader(unit.path), buffer_size=_READ_BUFFER)
         return open(unit.path, "rb", buffering=_READ_BUFFER)
     except FileNotFoundError:
-        raise DataError(f"{spec.key}.path: {unit.path} does not exist (it was there when planned)") from None
+        raise DataError(f"{spec.path_key}: {unit.path} does not exist (it was there when planned)") from None
     except OSError as err:
-        raise DataError(f"{spec.key}.path: {unit.path} cannot be read ({err.strerror})") from None
+        raise DataError(f"{spec.path_key}: {unit.path} cannot be read ({err.strerror})") from None
 
 
 class _ZstdReader(io.RawIOBase):
@@ -677,7 +684,7 @@ def _jsonl_documents(unit: Unit, spec: SourceSpec) -> Iterator[str]:
 
 
 def _no_documents(unit: Unit, spec: SourceSpec) -> DataError:
-    return DataError(f"{spec.key}.path: {unit.describe()} contains no documents; expected non-empty text")
+    return DataError(f"{spec.path_key}: {unit.describe()} contains no documents; expected non-empty text")
 
 
 def _parquet_documents(unit: Unit, spec: SourceSpec) -> Iterator[str]:
@@ -695,7 +702,7 @@ def _parquet_documents(unit: Unit, spec: SourceSpec) -> Iterator[str]:
                         yield value
         except (pa.ArrowException, OSError) as err:
             raise DataError(
-                f"{spec.key}.path: {unit.path} row group {group} is damaged ({_one_line(err)}); "
+                f"{spec.path_key}: {unit.path} row group {group} is damaged ({_one_line(err)}); "
                 "expected a readable Parquet file"
             ) from None
     if n_documents == 0:
@@ -714,13 +721,13 @@ def _hf_documents(unit: Unit, spec: SourceSpec, dataset: Any) -> Iterator[str]:
     for row_number, row in enumerate(dataset.shard(num_shards=unit.stop, index=unit.start)):
         if field_name not in row:
             raise DataError(
-                f"{spec.key}.path: {unit.describe()} row {row_number} has no field {field_name!r} "
+                f"{spec.path_key}: {unit.describe()} row {row_number} has no field {field_name!r} "
                 f"(fields: {', '.join(row)}); set {spec.key}.text_field"
             )
         value = row[field_name]
         if not isinstance(value, str | None):
             raise DataError(
-                f"{spec.key}.path: {unit.describe()} row {row_number} field {field_name!r} is "
+                f"{spec.path_key}: {unit.describe()} row {row_number} field {field_name!r} is "
                 f"{type(value).__name__}; expected a string"
             )
         if value is not None and value.strip():

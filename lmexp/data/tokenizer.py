@@ -1,8 +1,9 @@
-"""Sentencepiece tokenizers: training from in-memory documents, a shared on-disk cache, and a thin wrapper.
+"""Sentencepiece tokenizers: training from in-memory lines, a shared on-disk cache, and a thin wrapper;
+:func:`load_tokenizer` opens any tokenizer lmexp can prepare data with (sentencepiece or Hugging Face).
 
-Every tokenizer has the same fixed special ids (pad 0, unk 1, bos 2, eos 3), keeps sentencepiece's default
-whitespace handling (``add_dummy_prefix``, whitespace collapsed to ``"▁"``) so each whitespace-separated
-word starts with a ``"▁"`` piece, which is what the bits-per-word metric counts.
+Every tokenizer has the same fixed special ids (pad 0, unk 1, bos 2, eos 3) and keeps sentencepiece's
+default whitespace handling (``add_dummy_prefix``, whitespace collapsed to ``"▁"``). Corpora are sampled
+for training by lmexp/data/tokenizer_sample.py, so sentencepiece never sees a whole large corpus.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import sentencepiece as spm
@@ -51,8 +52,8 @@ class TokenizerConfig(Schema):
     """Sentencepiece model type: ``bpe`` or ``unigram``."""
     vocab_size: int = at_least(4096, MIN_VOCAB_SIZE)
     """Total number of pieces, including the 4 fixed specials, byte pieces and extra special tokens."""
-    character_coverage: float = between(1.0, 0.0, 1.0, low_open=True)
-    """Fraction of characters covered by the vocabulary; rarer characters go through byte fallback."""
+    character_coverage: float = between(0.9995, 0.0, 1.0, low_open=True)
+    """Fraction of the training text's characters that get pieces; rarer ones go through byte fallback."""
     byte_fallback: bool = True
     """Encode characters outside the vocabulary as UTF-8 byte pieces instead of ``<unk>``."""
     extra_special_tokens: list[str] = listed(list)
@@ -65,6 +66,10 @@ class TokenizerConfig(Schema):
     """Sentencepiece ``input_sentence_size``: lines beyond this many are sampled."""
     num_threads: int = at_least(0, 0)
     """Threads for training and batch encoding; 0 means ``os.cpu_count()``."""
+    sample_bytes: int = positive(100 << 20)
+    """Corpus data: UTF-8 bytes of lines in the seeded sample the tokenizer is trained on (100 MiB)."""
+    sample_read_bytes: int = at_least(2 << 30, 0)
+    """Corpus data: input bytes read to draw that sample (whole units, evenly spaced); 0 = all."""
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -188,21 +193,41 @@ class Tokenizer:
         """The vocabulary piece of ``token_id``."""
         return self._sp.id_to_piece(int(token_id))
 
-    def word_start_mask(self) -> np.ndarray:
-        """bool[vocab_size]: True for pieces that begin a whitespace-separated word (start with ``"▁"``).
-
-        Control, unknown and byte pieces are False, and extra special tokens cannot start with ``"▁"``.
-        """
-        sp = self._sp
-        mask = np.zeros(self.vocab_size, dtype=bool)
-        for i in range(self.vocab_size):
-            if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
-                continue
-            mask[i] = sp.id_to_piece(i).startswith(WORD_START)
-        return mask
-
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+HF_TOKENIZER_FILE = "tokenizer.json"  # what makes a directory a Hugging Face tokenizer
+
+
+def load_tokenizer(path: Path | str, num_threads: int = 0) -> Any:
+    """The tokenizer stored at ``path``, whatever its kind.
+
+    A file is a sentencepiece ``.model`` trained by lmexp (:class:`Tokenizer`); a directory holding
+    ``tokenizer.json`` is a Hugging Face tokenizer, loaded by ``HFTokenizer.load`` of
+    :mod:`lmexp.data.text_tokenizer` (imported only then: it pulls in transformers). Both give what token
+    preparation needs: ``encode``, ``eos_id``, ``pad_id``, ``vocab_size`` and ``path``.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / HF_TOKENIZER_FILE).is_file():
+            raise DataError(
+                f"tokenizer: {path} is a directory without {HF_TOKENIZER_FILE}; expected a sentencepiece "
+                ".model file or a Hugging Face tokenizer directory"
+            )
+        from lmexp.data.text_tokenizer import HFTokenizer
+
+        return HFTokenizer.load(path)
+    return Tokenizer.load(path, num_threads)
+
+
+def tokenizer_files(path: Path | str) -> list[Path]:
+    """The files that make up the tokenizer at ``path`` (a ``.model`` file, or every file of a Hugging Face
+    tokenizer directory), in a fixed order: their digest keys the caches built with it."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    return [path]
 
 
 def tokenizer_cache_dir(corpus_key: str, config: TokenizerConfig, cache_dir: Path) -> Path:

@@ -5,9 +5,11 @@ Writes into its run dir ``metrics.json`` (``test/...`` keys) and ``predictions.j
 - ``task=classify``: one row per example, ``{"text", "label", "pred"}``;
 - ``task=ner``: one row per sentence, ``{"tokens", "tags", "pred"}`` with one predicted tag per word
   (``null`` for words past ``data.block_size`` sub-tokens, which are not predicted and not scored);
-- ``task=clm`` (gpt, lstm): one row per document, ``{"n_tokens", "nll", "n_correct", "n_words"}``. Each
-  document is scored on its own from its start (``[eos] doc``, predicting every token and the closing
-  eos, in windows of ``data.block_size``), so ``test/loss`` = sum of ``nll`` / sum of ``n_tokens``.
+- ``task=clm`` (gpt, llama, lstm): one row per document, ``{"n_tokens", "nll", "n_correct", "n_words",
+  "n_bytes"}``. Each document of the test split (as tokenized by the data engine, lmexp/data/) is scored
+  on its own from its start (``[eos] doc``, predicting every token and the closing eos, in windows of
+  ``data.block_size``), so ``test/loss`` = sum of ``nll`` / sum of ``n_tokens`` and ``test/bpb`` = sum
+  of ``nll`` / ln 2 / sum of ``n_bytes`` (the UTF-8 bytes of the document's text).
 
 Every metric can be recomputed from predictions.jsonl. Data keys override the checkpoint's, e.g.
 ``data.test_path=other.jsonl``. Heavy imports happen inside the functions, so ``--help`` is instant.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,35 +91,68 @@ def evaluate_language_model(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str
     """Per-document NLL of a causal LM on the test split, and the metrics summed from those rows."""
     import torch
 
-    documents = _test_documents(run, cfg)
     tokenizer, model = run.tokenizer, run.task.model
-    block_size = run.group("data", **_data_overrides(cfg)).block_size
+    overrides = {k: v for k, v in _data_overrides(cfg).items() if k != "test_path"}
+    block_size = run.group("data", **overrides).block_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     rows = []
-    for document, ids in zip(documents, tokenizer.encode(documents), strict=True):
-        stream = torch.tensor([tokenizer.eos_id, *ids, tokenizer.eos_id], device=device)  # (n + 2,)
-        nll, correct = _score_stream(model, stream, block_size, tokenizer.vocab_size)
-        rows.append(
-            {"n_tokens": len(ids) + 1, "nll": nll, "n_correct": correct, "n_words": len(document.split())}
-        )
+    for stream in _test_streams(run, cfg, overrides):
+        for ids, n_bytes, n_words in stream_documents(stream, tokenizer.eos_id):
+            window = torch.tensor([tokenizer.eos_id, *ids, tokenizer.eos_id], device=device)  # (n + 2,)
+            nll, correct = _score_stream(model, window, block_size, tokenizer.vocab_size)
+            rows.append(
+                {
+                    "n_tokens": len(ids) + 1,
+                    "nll": nll,
+                    "n_correct": correct,
+                    "n_words": n_words,
+                    "n_bytes": n_bytes,
+                }
+            )
+    if not rows:
+        raise ConfigError("the test split has no documents; set data.test_path=<file>")
     return language_model_metrics(rows), rows
 
 
-def _test_documents(run: RestoredRun, cfg: DictConfig) -> list[str]:
+def _test_streams(run: RestoredRun, cfg: DictConfig, overrides: dict[str, Any]) -> list[Any]:
+    """The token streams of the test split: of ``data.test_path`` when given, else of the checkpoint's
+    corpus, tokenized by the checkpoint's tokenizer (the training run's shards when they are cached)."""
     from lmexp.data.context import DataContext
-    from lmexp.data.text import read_documents, resolve_paths
+    from lmexp.data.prepare import prepare_source
+    from lmexp.data.sources import SourceSpec
 
-    data = run.group("data", **_data_overrides(cfg))
-    if data.source == "text" and cfg.data.get("test_path"):
-        paths = resolve_paths(data.test_path, "data.test_path")
-        return read_documents(paths, "data.test_path", data.text_field)
-    context = DataContext(run.group("tokenizer"), Path(str(cfg.paths.cache_dir)).expanduser())
-    # The documents only: the checkpoint brings its own tokenizer, so none is trained or loaded here.
-    documents, _ = data.build(context).documents_by_split()
-    if "test" not in documents:
+    cache_dir = Path(str(cfg.paths.cache_dir)).expanduser()
+    data = run.group("data", **overrides)
+    if cfg.data.get("test_path"):
+        spec = SourceSpec(
+            "test", cfg.data.test_path, data.format, data.text_field, assign_split="test", key="data",
+            path_key="data.test_path",
+        )  # fmt: skip
+        return [prepare_source(spec, run.tokenizer.path, cache_dir, data.prepare_config()).stream("test")]
+    context = DataContext(run.group("tokenizer"), cache_dir, tokenizer_model=run.tokenizer.path.read_bytes())
+    datamodule = data.build(context)
+    datamodule.prepare()
+    streams = [s.stream("test") for s in datamodule.corpus.sources.values() if "test" in s.splits]
+    if not streams:
         raise ConfigError("the checkpoint's data has no test split; set data.test_path=<file>")
-    return documents["test"]
+    return streams
+
+
+def stream_documents(
+    stream: Any, eos_id: int, chunk_tokens: int = 1 << 20
+) -> Iterator[tuple[list[int], int, int]]:
+    """Each document of a split's token stream (``[eos] doc [eos] doc ... [eos]``) as (token ids without
+    eos, UTF-8 bytes, words of its text), read ``chunk_tokens`` at a time."""
+    import numpy as np
+
+    previous = None  # position of the eos that opens the next document
+    for start in range(0, len(stream), chunk_tokens):
+        for end in (start + np.flatnonzero(stream.read(start, start + chunk_tokens) == eos_id)).tolist():
+            if previous is not None:
+                _, n_bytes, n_words = stream.documents_between(end, end + 1)
+                yield stream.read(previous + 1, end).tolist(), n_bytes, n_words
+            previous = end
 
 
 def _score_stream(model: Any, stream: Any, block_size: int, vocab_size: int) -> tuple[float, int]:
@@ -136,17 +172,24 @@ def _score_stream(model: Any, stream: Any, block_size: int, vocab_size: int) -> 
 
 
 def language_model_metrics(rows: list[dict]) -> dict[str, float]:
-    """``test/loss``, ``ppl``, ``acc`` and ``bpw`` from per-document rows (sums, then ratios)."""
+    """``test/loss``, ``ppl``, ``acc``, ``bpb`` and (where words mean something, lmexp.tasks.metrics)
+    ``bpw`` from per-document rows (sums, then ratios)."""
+    from lmexp.tasks.metrics import words_are_meaningful
+
     nll = sum(row["nll"] for row in rows)
     tokens = sum(row["n_tokens"] for row in rows)
     words = sum(row["n_words"] for row in rows)
+    n_bytes = sum(row["n_bytes"] for row in rows)
     loss = nll / tokens
     metrics = {
         "test/loss": loss,
         "test/ppl": math.exp(loss),
         "test/acc": sum(row["n_correct"] for row in rows) / tokens,
+        "test/tokens": float(tokens),
     }
-    if words:
+    if n_bytes:
+        metrics["test/bpb"] = nll / math.log(2) / n_bytes
+    if words_are_meaningful(n_bytes, words):
         metrics["test/bpw"] = nll / math.log(2) / words
     return dict(sorted(metrics.items()))
 

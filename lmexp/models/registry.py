@@ -49,6 +49,8 @@ class ModelSpec:
     when transformers has no equivalent class."""
     hf_model_type: str | None = None
     """The ``model_type`` of the Hugging Face configs this kind can import (``gpt2``, ``bert``, ``llama``)."""
+    document_mask: bool = False
+    """Its forward takes ``document_ids``: attention masked at document boundaries (data.document_mask)."""
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -66,7 +68,7 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec(
             "gpt", "lmexp.models.gpt.GPTConfig", "clm",
-            hf_adapter="lmexp.models.gpt_hf", hf_model_type="gpt2",
+            hf_adapter="lmexp.models.gpt_hf", hf_model_type="gpt2", document_mask=True,
         ),
         ModelSpec(
             "bert", "lmexp.models.bert.BERTConfig", "mlm", layout="cls_sep",
@@ -74,7 +76,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "llama", "lmexp.models.llama.LlamaConfig", "clm",
-            hf_adapter="lmexp.models.llama_hf", hf_model_type="llama",
+            hf_adapter="lmexp.models.llama_hf", hf_model_type="llama", document_mask=True,
         ),
         ModelSpec("lstm", "lmexp.models.lstm.LSTMConfig", "clm"),
     )

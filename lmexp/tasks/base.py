@@ -10,7 +10,7 @@ the steps, its metrics, and the class attributes of the contract below.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,6 +53,8 @@ class TaskInputs:
     """The corpus's entropy in bits per word, when known (the built-in corpus)."""
     seed: int = 0
     """The run's seed (masked LM draws its masks from it)."""
+    sources: list[str] = field(default_factory=list)
+    """The names of a mixture's sources (per-source metrics ``val/<source>/...``); empty for one source."""
 
 
 class Task(LightningModule):

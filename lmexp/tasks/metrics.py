@@ -1,9 +1,12 @@
 """Language-model metrics, accumulated with torchmetrics so that they sync across DDP ranks.
 
 Per split: ``loss`` (mean NLL per predicted token, nats, token-weighted across batches and ranks),
-``ppl`` (exp of that loss), ``acc`` (next-token accuracy over the real vocabulary) and ``bpw`` (bits
-per word: summed NLL in bits over the split divided by the number of whitespace-separated words
-predicted). The NLL is the model's own over its padded vocabulary, exactly what training minimises.
+``ppl`` (exp of that loss), ``acc`` (next-token accuracy over the real vocabulary), ``bpb`` (bits per
+byte: the summed NLL in bits divided by the UTF-8 bytes of the original text of the documents predicted)
+and ``bpw`` (bits per word: the same over their whitespace-separated words). ``bpb`` is comparable across
+tokenizers and languages. ``bpw`` is reported only where a whitespace-separated word is a word
+(:func:`words_are_meaningful`): in Chinese or Japanese text, which has no spaces, a "word" is a whole line.
+The NLL is the model's own over its padded vocabulary, exactly what training minimises.
 """
 
 from __future__ import annotations
@@ -15,6 +18,17 @@ from torchmetrics import Metric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lmexp.models.head_loss import IGNORE_INDEX  # re-exported: the tasks import it from here
+
+# Space-separated languages average about 4 to 10 UTF-8 bytes per whitespace-separated word, space included
+# (English ~6, German ~7, Korean ~10); text without spaces has dozens. Above this bpw is not reported.
+MAX_BYTES_PER_WORD = 16.0
+
+
+def words_are_meaningful(n_bytes: float, n_words: float) -> bool:
+    """Whether bits per word mean something for text of ``n_bytes`` UTF-8 bytes in ``n_words``
+    whitespace-separated words: it has words, of at most :data:`MAX_BYTES_PER_WORD` bytes on average
+    (with no byte count, ``n_bytes`` 0, words alone decide)."""
+    return n_words > 0 and (n_bytes <= 0 or n_bytes / n_words <= MAX_BYTES_PER_WORD)
 
 
 def exact_sum() -> SumMetric:
@@ -28,7 +42,8 @@ def greedy_predictions(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class LanguageModelMetrics(torch.nn.Module):
-    """Metrics of one split, updated from predictions, labels, the summed NLL and the batch's word count."""
+    """Metrics of one split, updated from predictions, labels, the summed NLL and the batch's word and byte
+    counts."""
 
     def __init__(self, vocab_size: int) -> None:
         super().__init__()
@@ -43,15 +58,22 @@ class LanguageModelMetrics(torch.nn.Module):
             "nll_sum": exact_sum(),
             "tokens": exact_sum(),
             "words": exact_sum(),
+            "bytes": exact_sum(),
         }
         self.metrics = MetricCollection(metrics, compute_groups=False)
         self.vocab_size = vocab_size
 
     @torch.no_grad()
     def update(
-        self, predictions: torch.Tensor, labels: torch.Tensor, nll_sum: torch.Tensor, n_words: torch.Tensor
-    ):
-        """Add a batch: predicted ids and ``labels`` (same number of elements), its summed NLL and word count.
+        self,
+        predictions: torch.Tensor,
+        labels: torch.Tensor,
+        nll_sum: torch.Tensor,
+        n_words: torch.Tensor,
+        n_bytes: torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch: predicted ids and ``labels`` (same number of elements), its summed NLL, and the
+        words and UTF-8 bytes of the text its labels predict.
 
         Predictions come from the real vocabulary only (see :func:`greedy_predictions`).
         """
@@ -59,14 +81,21 @@ class LanguageModelMetrics(torch.nn.Module):
         self.metrics["nll_sum"].update(nll_sum)
         self.metrics["tokens"].update((labels != IGNORE_INDEX).sum())
         self.metrics["words"].update(n_words.sum())
+        if n_bytes is not None:
+            self.metrics["bytes"].update(n_bytes.sum())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """The split's metrics; ``bpw`` only when words were counted."""
+        """The split's metrics, plus ``tokens`` (predicted tokens, all ranks); ``bpb`` when bytes were
+        counted, ``bpw`` when words mean something."""
         values = self.metrics.compute()
         loss = values["nll_sum"] / values["tokens"].clamp(min=1)  # token-weighted mean NLL, all ranks
-        out = {"loss": loss, "acc": values["acc"], "ppl": torch.exp(loss)}
-        if values["words"] > 0:
-            out["bpw"] = values["nll_sum"] / math.log(2) / values["words"]
+        out = {"loss": loss, "acc": values["acc"], "ppl": torch.exp(loss), "tokens": values["tokens"]}
+        bits = values["nll_sum"] / math.log(2)
+        n_bytes, n_words = float(values["bytes"]), float(values["words"])
+        if n_bytes > 0:
+            out["bpb"] = bits / values["bytes"]
+        if words_are_meaningful(n_bytes, n_words):
+            out["bpw"] = bits / values["words"]
         return out
 
     def reset(self) -> None:

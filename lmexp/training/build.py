@@ -125,7 +125,13 @@ def build_task(
     model_config = sized_model_config(settings.model, tokenizer.vocab_size)
     task_class = settings.task_class
     labels = datamodule.labels if task_class.fine_tuning else None
-    inputs = TaskInputs(tokenizer, labels=labels, bpw_floor=datamodule.bpw_floor, seed=settings.run.seed)
+    inputs = TaskInputs(
+        tokenizer,
+        labels=labels,
+        bpw_floor=datamodule.bpw_floor,
+        seed=settings.run.seed,
+        sources=list(getattr(datamodule, "source_names", [])),
+    )
     task = task_class.build(
         settings.task,
         model_config.build(),

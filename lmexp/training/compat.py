@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 
@@ -124,3 +125,20 @@ def restart_wandb_run(logger: Any, new_run: bool) -> None:
     logger._experiment = None
     if new_run:
         logger._wandb_init["id"], logger._id = None, None
+
+
+# ------------------------------------------------------------------------------------------ progress bar
+class RunProgressBar(RichProgressBar):
+    """Lightning's rich progress bar without a bogus epoch bound on step-bounded runs.
+
+    Lightning titles the training bar ``Epoch {epoch}/{max_epochs - 1}``; a run bounded by
+    ``trainer.max_steps`` has ``max_epochs=-1``, which showed as ``Epoch 16/-2``. This bar says
+    ``Epoch 16`` then. The title comes from the private ``_get_train_description``; no public hook sets it.
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 1:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"
+        return f"{description:{len(self.validation_description)}}"  # as Lightning pads it, against flicker

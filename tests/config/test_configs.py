@@ -16,6 +16,8 @@ LABELLED = ["data.train_path=train.jsonl", "data.val_path=val.jsonl"]
 # What an option needs beside the shipped defaults to make a valid run.
 NEEDS = {
     ("data", "text"): ["data.path=corpus.txt"],
+    ("data", "hf"): ["data.hf.path=json", "data.hf.data_files=corpus.jsonl"],
+    ("data", "mixture"): ["data.sources.text.path=corpus.txt"],
     ("task", "mlm"): ["model=bert"],
     ("task", "classify"): ["data=jsonl", *LABELLED],
     ("task", "ner"): ["data=jsonl", *LABELLED],

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from lmexp.data.engine import prepare_corpus
-from lmexp.data.packing import load_token_file, write_token_file
 from lmexp.data.prepare import (
     INDEX_FILE,
     PrepareConfig,
@@ -56,10 +55,12 @@ def split_documents(documents: list[str], splits=SPLITS, seed: int = 0) -> dict[
     return by_split
 
 
-def reference_stream(documents: list[str], tok: Tokenizer, path: Path) -> np.ndarray:
-    """The split as lmexp.data.packing writes it from documents in memory."""
-    write_token_file(documents, tok, path)
-    return np.asarray(load_token_file(path)[0])
+def reference_stream(documents: list[str], tok: Tokenizer) -> np.ndarray:
+    """The split packed from documents in memory: ``[eos] doc [eos] doc ... [eos]``."""
+    ids = [tok.eos_id]
+    for encoded in tok.encode(documents):
+        ids += [*encoded, tok.eos_id]
+    return np.asarray(ids)
 
 
 def test_split_streams_are_packing_streams_with_exact_bytes_and_words(corpus, tok, tmp_path) -> None:
@@ -67,7 +68,7 @@ def test_split_streams_are_packing_streams_with_exact_bytes_and_words(corpus, to
     assert len(prepared.entries) > 10 and prepared.splits == ["train", "val", "test"]
     for split, documents in split_documents(DOCUMENTS).items():
         stream = prepared.stream(split)
-        assert np.array_equal(stream[:], reference_stream(documents, tok, tmp_path / f"{split}.bin"))
+        assert np.array_equal(stream[:], reference_stream(documents, tok))
         totals = prepared.totals(split)
         assert totals["n_documents"] == len(documents) == stream.n_documents
         assert totals["n_bytes"] == sum(len(d.encode("utf-8")) for d in documents)
@@ -110,9 +111,7 @@ def test_an_assigned_split_and_a_jsonl_source(tok, tmp_path) -> None:
     spec = SourceSpec("heldout", str(write_jsonl(tmp_path / "v.jsonl", DOCUMENTS[:50])), assign_split="val")
     prepared = prepare_source(spec, tok.path, tmp_path / "cache", CONFIG)
     assert prepared.splits == ["val"]
-    assert np.array_equal(
-        prepared.stream("val")[:], reference_stream(DOCUMENTS[:50], tok, tmp_path / "v.bin")
-    )
+    assert np.array_equal(prepared.stream("val")[:], reference_stream(DOCUMENTS[:50], tok))
     with pytest.raises(DataError, match="data.sources.heldout: has no train split"):
         prepared.stream("train")
 
@@ -277,7 +276,7 @@ def test_kill_9_mid_preparation_then_a_rerun_finishes_the_rest(tok, tmp_path) ->
     assert sorted(rebuilt) == sorted(set(range(n_units)) - {int(name[1:6]) for name in done_before})
     assert not list(directory.glob(".*.tmp"))
     expected = split_documents(DOCUMENTS * 6)["train"]
-    assert np.array_equal(prepared.stream("train")[:], reference_stream(expected, tok, tmp_path / "t.bin"))
+    assert np.array_equal(prepared.stream("train")[:], reference_stream(expected, tok))
 
 
 @pytest.mark.slow

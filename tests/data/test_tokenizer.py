@@ -7,7 +7,6 @@ import random
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import lmexp.data.tokenizer as tokenizer_module
@@ -93,24 +92,6 @@ def test_byte_fallback_round_trips_unseen_characters(tok: Tokenizer) -> None:
     (encoded,) = tok.encode([text])
     assert tok.unk_id not in encoded
     assert tok.decode(encoded) == text
-
-
-@pytest.mark.parametrize(
-    "text", ["The quick dog, jumps over: the (red) cat!", "a b c", "Ω alpha 42 x-ray don't"]
-)
-def test_word_start_mask_counts_words(tok: Tokenizer, text: str) -> None:
-    mask = tok.word_start_mask()
-    assert mask.dtype == np.bool_ and mask.shape == (tok.vocab_size,)
-    assert not mask[[0, 1, 2, 3]].any()
-    assert not any(mask[tok.special_id(p)] for p in SPECIALS)
-    (encoded,) = tok.encode([text])
-    assert int(mask[encoded].sum()) == len(text.split())
-
-
-def test_word_start_mask_counts_words_in_documents(tok: Tokenizer) -> None:
-    mask = tok.word_start_mask()
-    docs = make_documents(20, seed=5)
-    assert sum(int(mask[ids].sum()) for ids in tok.encode(docs)) == sum(len(d.split()) for d in docs)
 
 
 def test_cache_is_reused_without_training(
@@ -206,3 +187,39 @@ def test_concurrent_builders_share_one_model(tmp_path: Path) -> None:
     directory = Path(paths[0]).parent
     assert sorted(p.name for p in directory.iterdir()) == ["meta.json", "spm.model", "spm.vocab"]
     assert Tokenizer.load(Path(paths[0])).vocab_size == 350
+
+
+def test_load_tokenizer_by_kind_and_the_files_that_key_caches(bpe: Tokenizer, tmp_path: Path) -> None:
+    from lmexp.data.tokenizer import load_tokenizer, tokenizer_files
+
+    loaded = load_tokenizer(bpe.path)
+    assert isinstance(loaded, Tokenizer) and loaded.encode(["a cat"]) == bpe.encode(["a cat"])
+    assert tokenizer_files(bpe.path) == [bpe.path]
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / ".lock").write_text("")
+    assert [p.name for p in tokenizer_files(tmp_path)] == ["tokenizer.json", "tokenizer_config.json"]
+    with pytest.raises(DataError, match="is a directory without tokenizer.json"):
+        load_tokenizer(tmp_path / "..")
+
+
+def test_load_tokenizer_of_a_hugging_face_directory(tmp_path: Path) -> None:
+    from lmexp.data.text_tokenizer import HFTokenizer
+    from lmexp.data.tokenizer import load_tokenizer
+
+    if not hasattr(HFTokenizer, "load"):  # HFTokenizer.load comes with the branch of Hugging Face backbones
+        pytest.skip("HFTokenizer.load is not in this branch")
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rust = RustTokenizer(models.BPE(unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    rust.train_from_iterator(
+        DOCUMENTS[:50], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<eos>"])
+    )
+    PreTrainedTokenizerFast(tokenizer_object=rust, eos_token="<eos>", unk_token="<unk>").save_pretrained(
+        tmp_path
+    )
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, HFTokenizer) and loaded.encode(["a cat"])[0]

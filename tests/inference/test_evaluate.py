@@ -89,12 +89,13 @@ def test_language_model_metrics_equal_recomputation(runs, tmp_path, cache_dir):
     cfg = compose_tool("eval", tmp_path / "eval", cache_dir, f"ckpt_path={runs['gpt']}")
     evaluate(cfg)
     metrics, rows = read(tmp_path / "eval")
-    assert len(rows) > 5 and set(rows[0]) == {"n_tokens", "nll", "n_correct", "n_words"}
+    assert len(rows) > 5 and set(rows[0]) == {"n_tokens", "nll", "n_correct", "n_words", "n_bytes"}
     nll, tokens = sum(r["nll"] for r in rows), sum(r["n_tokens"] for r in rows)
     assert metrics["test/loss"] == pytest.approx(nll / tokens, rel=1e-9)
     assert metrics["test/ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-9)
     assert metrics["test/acc"] == pytest.approx(sum(r["n_correct"] for r in rows) / tokens, rel=1e-9)
     assert metrics["test/bpw"] == pytest.approx(nll / math.log(2) / sum(r["n_words"] for r in rows), rel=1e-9)
+    assert metrics["test/bpb"] == pytest.approx(nll / math.log(2) / sum(r["n_bytes"] for r in rows), rel=1e-9)
     # The documents are the run's test split, each one scored on its own: close to the run's test loss.
     trained = json.loads((runs["gpt"].parent.parent / "metrics.json").read_text())
     assert metrics["test/loss"] == pytest.approx(trained["test/loss"], rel=0.05)

@@ -131,3 +131,16 @@ def test_wandb_logger_internals(tmp_path, monkeypatch):
     assert "anonymous" not in logger._wandb_init
     compat.restart_wandb_run(logger, new_run=True)
     assert logger._wandb_init["id"] is None and logger._id is None
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"), [({"max_steps": 5}, "Epoch 16"), ({"max_epochs": 3}, "Epoch 16/2")]
+)
+def test_progress_bar_title_of_step_bounded_runs(tmp_path, limits, expected):
+    bar = compat.RunProgressBar()
+    trainer = Trainer(
+        callbacks=[bar], logger=False, enable_checkpointing=False, default_root_dir=tmp_path, **limits
+    )
+    bar.setup(trainer, Tiny(), stage="fit")
+    name = "RichProgressBar._get_train_description"
+    assert bar._get_train_description(16).strip() == expected, moved(name, "RunProgressBar")

@@ -88,7 +88,8 @@ def test_cli_run(cli, tmp_path):
 @pytest.mark.slow
 def test_cli_help_and_cfg_job(cli):
     help_text = cli("lmexp.train", "--help")
-    shipped_models = sorted(path.stem for path in (Path(__file__).parents[2] / "conf" / "model").glob("*.yaml"))
+    model_dir = Path(__file__).parents[2] / "conf" / "model"
+    shipped_models = sorted(path.stem for path in model_dir.glob("*.yaml"))
     assert help_text.returncode == 0 and "model: " + ", ".join(shipped_models) in help_text.stdout
     job = cli("lmexp.train", "--cfg", "job", "model.n_layer=6", "optim.lr=1e-3")
     assert job.returncode == 0
