@@ -46,6 +46,9 @@ class StorageError(UserError):
         cause = STORAGE_CAUSES.get(error.errno or 0, error.strerror or type(error).__name__)
         super().__init__(f"cannot write {path}: {cause}; the previous version of the file is unchanged")
 
+    def __reduce__(self) -> tuple:  # picklable, so that it crosses from the data engine's worker processes
+        return (StorageError, (self.path, OSError(self.errno, os.strerror(self.errno or 0))))
+
 
 # Why a write fails, for the errors lmexp turns into one line (:func:`is_storage_failure`), with what to do.
 STORAGE_CAUSES = {

@@ -69,7 +69,7 @@ from lmexp.data.sources import (
     read_unit,
 )
 from lmexp.data.tokenizer import tokenizer_files
-from lmexp.errors import ConfigError, DataError, UserError
+from lmexp.errors import ConfigError, DataError, StorageError, UserError, is_storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -574,9 +574,11 @@ class _BuildContext:
             for documents in _chunks(read_unit(unit, self.spec, self.dataset), self.config.chunk_bytes):
                 self._add(documents, writers)
             shards = {split: writer.finish().as_dict() for split, writer in writers.items()}
-        except BaseException:
+        except BaseException as error:
             for writer in writers.values():
                 writer.abort()
+            if is_storage_failure(error):  # a full disk or a size limit: one line naming the shard directory
+                raise StorageError(error.filename or self.directory / f"{prefix}*", error) from error
             raise
         seconds = time.perf_counter() - start
         entry = {

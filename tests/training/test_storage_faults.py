@@ -140,21 +140,23 @@ def test_a_checkpoint_write_over_the_size_limit_stops_in_one_line_and_resume_aut
     assert checkpoint_step(load_checkpoint(last)) == 8
 
 
-def test_a_token_file_over_the_size_limit_keeps_the_previous_one(tmp_path):
-    from lmexp.data.packing import write_token_file
-    from tests.data.engine_helpers import make_documents, train_tokenizer
+def test_token_shards_over_the_size_limit_are_one_line_and_leave_nothing(tmp_path):
+    from lmexp.data.engine import prepare_corpus
+    from lmexp.data.prepare import PrepareConfig
+    from lmexp.data.sources import SourceSpec
+    from lmexp.data.tokenizer import TokenizerConfig
+    from tests.data.engine_helpers import make_documents
 
-    documents = make_documents(200)
-    tokenizer = train_tokenizer(documents, tmp_path / "cache")
-    tokens = tmp_path / "train.bin"
-    write_token_file(documents[:20], tokenizer, tokens)
-    before = tokens.read_bytes()
-    with (
-        file_size_limit(len(before) + 100),
-        pytest.raises(StorageError, match=f"cannot write {tokens}: .*EFBIG"),
-    ):
-        write_token_file(documents, tokenizer, tokens)
-    assert tokens.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(make_documents(4000)) + "\n", encoding="utf-8")
+    source = SourceSpec("text", str(corpus))
+    config = PrepareConfig(splits={"train": 0.9, "val": 0.05, "test": 0.05}, workers=0)
+    cache = tmp_path / "cache"
+    # The limit is above the tokenizer model (~250 kB) and the cache records, below the train shard (~650 kB).
+    with file_size_limit(400_000), pytest.raises(StorageError, match=r"cannot write .*EFBIG"):
+        prepare_corpus([source], TokenizerConfig(vocab_size=300), cache, config)
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+    assert not list(cache.rglob("*.bin"))  # no shard in place: the next run builds them whole
 
 
 @pytest.mark.slow
