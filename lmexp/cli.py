@@ -105,8 +105,17 @@ def _grammar_error(text: str, overrides: Sequence[str]) -> str:
     """The override Hydra's grammar could not read, its key, why, and how to write it."""
     from lmexp.config.overrides import key_of
 
-    culprit = unreadable_override(overrides) or next(
-        (line.split("'", 2)[1] for line in text.splitlines() if "override '" in line), ""
+    culprit = (
+        unreadable_override(overrides)
+        or next((line.split("'", 2)[1] for line in text.splitlines() if "override '" in line), "")
+        or next(  # Hydra 1.3 also reports "LexerNoViableAltException: <the override>"
+            (
+                line.split("LexerNoViableAltException:", 1)[1].strip()
+                for line in text.splitlines()
+                if "LexerNoViableAltException:" in line
+            ),
+            "",
+        )
     )
     if not culprit:
         return QUOTING_HINT
