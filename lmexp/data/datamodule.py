@@ -4,13 +4,15 @@ Every expensive step is cached under ``cache_dir`` by a hash of what it depends 
 file lock and renamed into place, so parallel runs and DDP ranks share the work safely:
 
     corpora/<hash>/documents.txt   the generated built-in corpus (documents separated by blank lines)
-    tokenizers/<hash>/spm.model    the sentencepiece model trained on the training split
+    tokenizers/<hash>/spm.model    the sentencepiece model trained on the training split (unless the run is
+                                   given one: the model's own, lmexp/data/tokenizer_store.py)
     tokens/<hash>/<split>.bin      each split as one flat token stream (+ .json with counts)
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -87,8 +89,9 @@ class TextDataConfig(DataConfig):
     def build(self, context: DataContext) -> LanguageModelData:
         """The data module of this config (it touches no file until ``prepare()``)."""
         return LanguageModelData(
-            self, context.tokenizer, context.cache_dir, context.seed, context.example_format, context.nsp
-        )
+            self, context.tokenizer, context.cache_dir, context.seed, context.example_format, context.nsp,
+            given_tokenizer=context.given_tokenizer,
+        )  # fmt: skip
 
 
 class LanguageModelData(ShardedLoaders, LightningDataModule):
@@ -102,6 +105,8 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
         example_format: ``blocks`` (packed token blocks, causal LM) or ``pairs`` ([CLS] A [SEP] B [SEP]
             sentence pairs, masked LM); set from the task.
         nsp: with ``pairs``, make next-sentence-prediction pairs (half with a random B).
+        given_tokenizer: returns the tokenizer the run is given (the model's own, a pre-trained run's), or
+            None: train (or load the cached) sentencepiece tokenizer.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
         seed: int = 0,
         example_format: str = "blocks",
         nsp: bool = False,
+        given_tokenizer: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         if example_format not in ("blocks", "pairs"):
@@ -134,6 +140,7 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
         self.tokenizer_config = replace(tokenizer)
         self.cache_dir = Path(cache_dir).expanduser()
         self.seed = seed
+        self.given_tokenizer = given_tokenizer
         self.tokenizer: Tokenizer | None = None
         self.token_files: dict[str, Path] = {}
         self.bpw_floor: float | None = None
@@ -150,9 +157,12 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
             return
         documents, corpus_key = self.documents_by_split()
         self._documents = documents
-        self.tokenizer = train_or_load_tokenizer(
-            documents["train"], corpus_key, self.tokenizer_config, self.cache_dir
-        )
+        given = self.given_tokenizer() if self.given_tokenizer is not None else None
+        if given is None:
+            given = train_or_load_tokenizer(
+                documents["train"], corpus_key, self.tokenizer_config, self.cache_dir
+            )
+        self.tokenizer = given
         if self.example_format == "pairs":
             return  # sentence pairs are built from the documents in setup()
         token_key = stable_hash({"corpus": corpus_key, "tokenizer": files_digest([self.tokenizer.path])})

@@ -19,6 +19,7 @@ ROWS = (
     ("test/loss", "test loss", "{:.4f}"),
     ("test/ppl", "test perplexity", "{:.2f}"),
     ("perf/tokens_per_sec", "training tokens/s", "{:,.0f}"),
+    ("model/trainable_params", "trainable parameters", "{:,.0f}"),
 )
 
 
