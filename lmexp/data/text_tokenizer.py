@@ -15,6 +15,7 @@ tokenizer (``model=hf``, ``init_from=hf:...``) packs, caches and scores its data
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -166,7 +167,7 @@ class HFTokenizer:
         """bool[vocab_size]: True for tokens that begin a whitespace-separated word, for bits per word.
 
         A token begins a word when its text starts with whitespace (byte-level ``Ġ``/``Ċ``, sentencepiece's
-        ``▁``) or, for WordPiece, when it is not a ``##`` continuation. Byte-level tokenizers do not mark a
+        ``▁``) or, for WordPiece, when it is neither a ``##`` continuation nor punctuation. Byte-level tokenizers do not mark a
         text's first word, which follows the document's opening eos; each document also ends with one eos
         label, so for them eos counts as the word its document's first word is. Special tokens count as no
         word. (#14's data engine counts words from the text itself.)
@@ -176,7 +177,10 @@ class HFTokenizer:
         pieces = self.hf.convert_ids_to_tokens(list(range(self.vocab_size)))
         if model.get("type") == _WORDPIECE:
             prefix = model.get("continuing_subword_prefix") or "##"
-            mask = np.array([not piece.startswith(prefix) for piece in pieces], dtype=bool)
+            # WordPiece splits punctuation off words ("dog." -> dog .): a lone punctuation piece is no word
+            mask = np.array(
+                [not piece.startswith(prefix) and not _punctuation(piece) for piece in pieces], dtype=bool
+            )
         else:
             mask = np.array([_surface(backend, piece)[:1].isspace() for piece in pieces], dtype=bool)
         mask[list(self.hf.all_special_ids)] = False
@@ -230,6 +234,11 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({type(self.hf).__name__}, vocab_size={len(self.hf)})"
+
+
+def _punctuation(piece: str) -> bool:
+    """Whether a vocabulary entry is punctuation only (Unicode categories P*)."""
+    return bool(piece) and all(unicodedata.category(char).startswith("P") for char in piece)
 
 
 def _surface(backend: Any, piece: str) -> str:
