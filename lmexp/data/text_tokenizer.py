@@ -167,8 +167,8 @@ class HFTokenizer:
         """bool[vocab_size]: True for tokens that begin a whitespace-separated word, for bits per word.
 
         A token begins a word when its text starts with whitespace (byte-level ``Ġ``/``Ċ``, sentencepiece's
-        ``▁``) or, for WordPiece, when it is neither a ``##`` continuation nor punctuation. Byte-level tokenizers do not mark a
-        text's first word, which follows the document's opening eos; each document also ends with one eos
+        ``▁``) or, for WordPiece, when it is neither a ``##`` continuation nor punctuation. Byte-level
+        tokenizers do not mark a text's first word, which follows the document's opening eos; each document also ends with one eos
         label, so for them eos counts as the word its document's first word is. Special tokens count as no
         word. (#14's data engine counts words from the text itself.)
         """

@@ -111,7 +111,7 @@ def test_directory_without_config_json(tmp_path):
 def test_architecture_without_a_language_model_head(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "resnet"}))
     with pytest.raises(ConfigError, match="has no causal-LM or masked-LM head"):
-        HFModelConfig(name_or_path=str(tmp_path)).objective
+        HFModelConfig(name_or_path=str(tmp_path)).task_problems("clm")
 
 
 def test_remote_code_needs_trust(tmp_path):
