@@ -168,9 +168,9 @@ class HFTokenizer:
 
         A token begins a word when its text starts with whitespace (byte-level ``Ġ``/``Ċ``, sentencepiece's
         ``▁``) or, for WordPiece, when it is neither a ``##`` continuation nor punctuation. Byte-level
-        tokenizers do not mark a text's first word, which follows the document's opening eos; each document also ends with one eos
-        label, so for them eos counts as the word its document's first word is. Special tokens count as no
-        word. (#14's data engine counts words from the text itself.)
+        tokenizers do not mark a text's first word, which follows the document's opening eos; each document
+        also ends with one eos label, so for them eos counts as the word its document's first word is.
+        Special tokens count as no word. (#14's data engine counts words from the text itself.)
         """
         backend = self.hf.backend_tokenizer
         model = json.loads(backend.to_str())["model"]
