@@ -134,3 +134,53 @@ def test_missing_hub_model_offline(monkeypatch):
 
 def test_hf_is_registered_for_clm_mlm_and_fine_tuning():
     assert {"clm", "mlm", "classify", "ner"} <= set(MODELS["hf"].tasks) and MODELS["hf"].own_tokenizer
+
+
+# ------------------------------------------------------------------------------ init_from=hf: import
+def imported(source: str, cache_dir):
+    """lmexp's own model built from ``init_from=hf:<source>`` (what a run starts from)."""
+    from lmexp.config.schema import parse
+    from lmexp.models.registry import spec_for_target
+    from lmexp.tasks.base import pretrained_weights
+    from lmexp.training.build import load_init_from
+
+    pretrained = load_init_from(f"hf:{source}", cache_dir)
+    node = dict(pretrained.model_node)
+    spec = spec_for_target(node.pop("_target_"))
+    model = parse(spec.config_type(), node, "model").build().eval()
+    weights = pretrained_weights(pretrained.state_dict)
+    model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()}, strict=False)
+    return spec.kind, model, pretrained
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_import_into_lmexps_own_kind_gives_the_hf_logits_and_round_trips(family, hf_model_dir, cache_dir):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from lmexp.models.hf_common import from_hf_model, to_hf_model
+
+    source = hf_model_dir(family)
+    kind, model, pretrained = imported(str(source), cache_dir)
+    assert kind == {"gpt2": "gpt", "llama": "llama", "bert": "bert"}[family]
+    assert pretrained.tokenizer["tokenizer_dir"] is not None  # the model's own tokenizer comes along
+    auto = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
+    hf = auto.from_pretrained(source).eval()
+    ids = torch.tensor([list(range(5, 21))])
+    with torch.no_grad():
+        ours = model(ids)[0] if family == "bert" else model(ids)
+        theirs = hf(input_ids=ids).logits
+    assert (ours[..., : theirs.shape[-1]] - theirs).abs().max() <= 1e-4
+    # export -> import: the same weights again
+    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    again = to_hf_model(kind, model.config, model.state_dict(), hf.config.vocab_size, special)
+    _, _, state_dict = from_hf_model(again)
+    original = model.state_dict()
+    assert all(torch.equal(state_dict[k], original[k]) for k in state_dict if k in original)
+
+
+def test_import_of_other_architectures_is_one_line(hf_model_dir, cache_dir):
+    from lmexp.errors import CheckpointError
+    from lmexp.training.build import load_init_from
+
+    with pytest.raises((ConfigError, CheckpointError), match=r"^init_from=hf:.*qwen2"):
+        load_init_from(f"hf:{hf_model_dir('qwen2')}", cache_dir)
