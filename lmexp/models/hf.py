@@ -228,7 +228,8 @@ class HFModel(nn.Module):
                     f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; "
                     "use trainer=fsdp with trainer.strategy.activation_checkpointing=true, or turn it off"
                 )
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5's name (gradient_checkpointing_enable is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self._head = self._find_head()
         model.train()  # from_pretrained hands it over in eval mode; Lightning switches modes from here on
 

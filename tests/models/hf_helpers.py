@@ -48,12 +48,12 @@ def byte_level_tokenizer(pad: bool = False) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=rust, **names, **({"pad_token": "<pad>"} if pad else {}))
 
 
-def wordpiece_tokenizer(mask: bool = True) -> Any:
-    """A BERT-style tokenizer: WordPiece with [PAD] [UNK] [CLS] [SEP] (and [MASK] unless ``mask=False``)."""
+def wordpiece_tokenizer(mask: bool = True, pad: bool = True) -> Any:
+    """A BERT-style tokenizer: WordPiece with [UNK] [CLS] [SEP] (and [PAD], [MASK] unless turned off)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + (["[MASK]"] if mask else [])
+    specials = (["[PAD]"] if pad else []) + ["[UNK]", "[CLS]", "[SEP]"] + (["[MASK]"] if mask else [])
     rust = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     rust.normalizer = normalizers.BertNormalizer(lowercase=True)
     rust.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -67,10 +67,9 @@ def wordpiece_tokenizer(mask: bool = True) -> Any:
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    names = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=rust, **names, **({"mask_token": "[MASK]"} if mask else {})
-    )
+    names = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+    names |= ({"mask_token": "[MASK]"} if mask else {}) | ({"pad_token": "[PAD]"} if pad else {})
+    return PreTrainedTokenizerFast(tokenizer_object=rust, **names)
 
 
 def tiny_config(family: str, tokenizer: Any, **overrides: Any) -> Any:

@@ -184,3 +184,18 @@ def test_import_of_other_architectures_is_one_line(hf_model_dir, cache_dir):
 
     with pytest.raises((ConfigError, CheckpointError), match=r"^init_from=hf:.*qwen2"):
         load_init_from(f"hf:{hf_model_dir('qwen2')}", cache_dir)
+
+
+def test_gradient_checkpointing_and_dtype_options(hf_model_dir):
+    directory = hf_model_dir("llama")
+    grads = []
+    for checkpointing in (False, True):
+        _, model, tokenizer = wrapped(directory, gradient_checkpointing=checkpointing)
+        model.train()
+        ids = sample_ids(tokenizer)
+        model(ids[:, :-1], labels=ids[:, 1:]).nll_sum.backward()
+        grads.append(model.hf.get_input_embeddings().weight.grad)
+    assert model.hf.is_activation_checkpointing
+    torch.testing.assert_close(grads[0], grads[1])
+    _, half, _ = wrapped(directory, dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16

@@ -63,9 +63,11 @@ def test_seed_flow_fine_tune_generate_export(cli, hf_model_dir, user_text, tmp_p
     run = tmp_path / "run"
     trained = cli(
         "lmexp.train", "model=hf", f"model.name_or_path={hf_model_dir('gpt2')}", "data=text",
-        f"data.path={user_text}", *HF_TINY, f"hydra.run.dir={run}", env={"HF_HUB_OFFLINE": "1"},
+        f"data.path={user_text}", *HF_TINY, "logger=[csv,wandb]", f"hydra.run.dir={run}",
+        env={"HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-2000:]
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # W&B, offline in tests
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val/loss", "val/bpw", "test/bpw"} <= set(metrics)
     assert metrics["model/trainable_params"] == metrics["model/params"] > 0
@@ -157,7 +159,12 @@ def bad_dirs(tmp_path_factory, hf_model_dir) -> dict[str, Path]:
     config = {"model_type": "my-llm", "auto_map": {"AutoModelForCausalLM": "modeling_my.MyLM"}}
     (root / "remote" / "config.json").write_text(json.dumps(config))
     no_mask = save_tiny_model(root / "bert-no-mask", "bert", tokenizer=wordpiece_tokenizer(mask=False))
+    no_pad = save_tiny_model(root / "bert-no-pad", "bert", tokenizer=wordpiece_tokenizer(pad=False))
+    data = labelled_splits(root / "data", "classify", (20, 5, 5))
     return {
+        "bert_no_pad": no_pad,
+        "train": data[0].split("=", 1)[1],
+        "val": data[1].split("=", 1)[1],
         "no_config": root / "no-config",
         "remote": root / "remote",
         "bert_no_mask": no_mask,
@@ -173,6 +180,11 @@ BAD = {
     "no mask token": (
         ["model=hf", "model.name_or_path={bert_no_mask}", "task=mlm", "task.nsp=false"],
         "has no mask token, which task=mlm needs",
+    ),
+    "no pad token": (
+        ["model=hf", "model.name_or_path={bert_no_pad}", "task=classify", "data=jsonl"]
+        + ["data.train_path={train}", "data.val_path={val}"],
+        "has no pad token, which task=classify needs",
     ),
     "remote code": (["model=hf", "model.name_or_path={remote}"], "model.trust_remote_code=true"),
     "lora target": (
@@ -192,7 +204,7 @@ BAD = {
 def test_bad_model_input_is_one_line(case, bad_dirs, cli, tmp_path):
     overrides, culprit = BAD[case]
     args = [o.format(**bad_dirs) for o in overrides]
-    tiny = [*HF_TINY, "data.n_documents=300"]
+    tiny = [*HF_TINY, *([] if "data=jsonl" in args else ["data.n_documents=300"])]
     result = cli("lmexp.train", *tiny, *args, env={"HF_HUB_OFFLINE": "1"}, timeout=180)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
