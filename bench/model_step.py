@@ -223,8 +223,11 @@ def _shape_overrides(shape: StepShape) -> list[str]:
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
 
 
-def compare_models(smoke: bool, overrides: list[str], suffix: str = "") -> list[Result]:
-    """lmexp against HF for GPT and BERT, interleaved in this process; result names end in ``suffix``."""
+def compare_models(
+    smoke: bool, overrides: list[str], suffix: str = "", only: tuple[str, ...] | None = None
+) -> list[Result]:
+    """lmexp against HF for GPT, BERT and Llama, interleaved in this process; result names end in
+    ``suffix``; ``only``: these comparisons (``gpt``, ``gpt_vocab_50257``, ``bert``, ``llama``)."""
     results = []
     for name, build, shape, (rounds, repeats) in (
         ("gpt", gpt_steps, GPT_SHAPE, (9, 3)),
@@ -232,6 +235,8 @@ def compare_models(smoke: bool, overrides: list[str], suffix: str = "") -> list[
         ("bert", bert_steps, BERT_SHAPE, (9, 3)),
         ("llama", llama_steps, GPT_SHAPE, (9, 3)),  # n_kv_head from conf/model/llama.yaml, as HF's config
     ):
+        if only is not None and name not in only:
+            continue
         if smoke:
             if name == "gpt_vocab_50257":
                 continue

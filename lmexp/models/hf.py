@@ -63,7 +63,7 @@ class HFModelConfig(ModelConfig):
     """Hub branch, tag or commit of a hub id; null = its main branch."""
     pretrained: bool = True
     """Load the model's weights (true), or build its architecture from its config with fresh weights."""
-    config_overrides: dict[str, Any] = listed(dict)
+    config_overrides: dict[str, Any] | None = None
     """Settings that replace the model config's, e.g. ``{num_hidden_layers: 2}``; with ``pretrained`` only
     those that keep the weights' shapes."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -86,7 +86,7 @@ class HFModelConfig(ModelConfig):
     # ------------------------------------------------------------------------ what the model's files say
     def hf_config(self) -> Any:
         """The transformers config (a fresh copy), ``config_overrides`` applied; one-line errors."""
-        overrides = json.dumps(self.config_overrides, sort_keys=True)
+        overrides = json.dumps(self.config_overrides or {}, sort_keys=True)
         return copy.deepcopy(
             _load_config(self.name_or_path, self.revision, self.trust_remote_code, overrides)
         )

@@ -192,7 +192,7 @@ BAD = {
         "q_proj",  # the Linear layers that exist are named
     ),
     "import shapes": (
-        ["model=hf", "model.name_or_path={gpt2}", "model.config_overrides={n_embd:64}"],
+        ["model=hf", "model.name_or_path={gpt2}", "model.config_overrides={{n_embd:64}}"],
         "do not have the shapes",
     ),
     "missing hub model": (["init_from=hf:nobody-here/no-such-model-xyz"], "could not find or fetch"),
