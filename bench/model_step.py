@@ -5,9 +5,10 @@ runs as its own framework trains it:
 
 - lmexp: the model from ``conf/model/*.yaml``, the loss as the task computes it, the optimizer the task
   configures from ``conf/optim/adamw.yaml`` (decay groups; the fused step where torch has one).
-- Hugging Face: ``GPT2LMHeadModel`` / ``BertForMaskedLM`` with ``attn_implementation="sdpa"``, the loss
-  the model computes from ``labels``, and ``torch.optim.AdamW(fused=True)``, which is what the HF Trainer
-  uses by default with torch >= 2.8 (``optim="adamw_torch_fused"``).
+- Hugging Face: ``GPT2LMHeadModel`` / ``BertForMaskedLM`` / ``LlamaForCausalLM`` with
+  ``attn_implementation="sdpa"``, the loss the model computes from ``labels``, and
+  ``torch.optim.AdamW(fused=True)``, which is what the HF Trainer uses by default with torch >= 2.8
+  (``optim="adamw_torch_fused"``).
 
 GPT runs at two vocabularies (4000, and GPT-2's 50257, where the output layer dominates). The whole
 comparison runs twice: in this process, with glibc's malloc as it comes, and in a child process whose
@@ -123,6 +124,29 @@ def gpt_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], 
     return {"lmexp": _train_step(our_loss, ours_optimizer), "hf": _train_step(their_loss, theirs_optimizer)}
 
 
+def llama_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], None]]:
+    """One training step of lmexp's Llama and of HF's LlamaForCausalLM at the same dimensions."""
+    from transformers import LlamaForCausalLM
+
+    from lmexp.models import llama_hf
+
+    config, ours, ours_optimizer = _lmexp_side("llama", shape, overrides)
+    ids = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+    theirs = LlamaForCausalLM(_sdpa(llama_hf.hf_config(config, shape.vocab_size, ids)))
+    theirs, theirs_optimizer = _hf_side(theirs)
+
+    tokens = torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len + 1))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def our_loss() -> torch.Tensor:
+        return ours(inputs, labels=labels).nll_sum / labels.numel()
+
+    def their_loss() -> torch.Tensor:
+        return theirs(input_ids=inputs, labels=inputs).loss
+
+    return {"lmexp": _train_step(our_loss, ours_optimizer), "hf": _train_step(their_loss, theirs_optimizer)}
+
+
 def bert_steps(shape: StepShape, overrides: list[str]) -> dict[str, Callable[[], None]]:
     """One MLM training step of lmexp's BERT (NSP off) and of HF's BertForMaskedLM, as closures."""
     from transformers import BertForMaskedLM
@@ -199,14 +223,20 @@ def _shape_overrides(shape: StepShape) -> list[str]:
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
 
 
-def compare_models(smoke: bool, overrides: list[str], suffix: str = "") -> list[Result]:
-    """lmexp against HF for GPT and BERT, interleaved in this process; result names end in ``suffix``."""
+def compare_models(
+    smoke: bool, overrides: list[str], suffix: str = "", only: tuple[str, ...] | None = None
+) -> list[Result]:
+    """lmexp against HF for GPT, BERT and Llama, interleaved in this process; result names end in
+    ``suffix``; ``only``: these comparisons (``gpt``, ``gpt_vocab_50257``, ``bert``, ``llama``)."""
     results = []
     for name, build, shape, (rounds, repeats) in (
         ("gpt", gpt_steps, GPT_SHAPE, (9, 3)),
         ("gpt_vocab_50257", gpt_steps, GPT2_VOCAB_SHAPE, (5, 2)),  # ~4x longer steps: fewer of them
         ("bert", bert_steps, BERT_SHAPE, (9, 3)),
+        ("llama", llama_steps, GPT_SHAPE, (9, 3)),  # n_kv_head from conf/model/llama.yaml, as HF's config
     ):
+        if only is not None and name not in only:
+            continue
         if smoke:
             if name == "gpt_vocab_50257":
                 continue

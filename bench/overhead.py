@@ -1,5 +1,9 @@
 """Framework overhead: the full ``lmexp.train`` path against a bare PyTorch loop over the same model and data.
 
+Measured for lmexp's own GPT (``overhead/full_path``) and for ``model=hf`` over a transformers GPT-2 of the
+same size, saved to a temporary directory (``overhead/hf_full_path``; the bare loop calls the same wrapped
+transformers model).
+
 The full path is everything a user gets from ``python -m lmexp.train``: Hydra's config, Lightning's loop,
 torchmetrics updated every step, the CSV and W&B (offline) loggers, the rich progress bar, the
 throughput, learning-rate and checkpoint callbacks. The bare loop builds the same model, optimizer,
@@ -102,8 +106,37 @@ def bare_loop_steps(base: list[str], steps: int, warmup: int) -> tuple[list[floa
     return step_times[warmup:], waits[warmup:]
 
 
+def saved_hf_model(directory: Path, smoke: bool) -> Path:
+    """A transformers GPT-2 of model=gpt's nano size (debug=fast's in smoke mode) with a byte-level BPE
+    tokenizer trained on the built-in corpus, saved to ``directory``: what model=hf loads (no download)."""
+    from transformers import GPT2LMHeadModel
+
+    from tests.models.hf_helpers import byte_level_tokenizer, tiny_config
+
+    tokenizer = byte_level_tokenizer()
+    sizes = {"n_layer": 1, "n_head": 2, "n_embd": 32} if smoke else {"n_layer": 4, "n_head": 4, "n_embd": 128}
+    config = tiny_config("gpt2", tokenizer, n_positions=256, **sizes)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]:
+    """lmexp's own model (model=gpt), then model=hf over a transformers GPT-2 of the same size."""
     base = [*(SMOKE_OVERRIDES if smoke else DEFAULT_OVERRIDES), *(overrides or [])]
+    results = compare(base, smoke, "overhead/full_path", with_loader_wait=True)
+    with tempfile.TemporaryDirectory(prefix="lmexp-bench-hf-") as directory:
+        model = saved_hf_model(Path(directory), smoke)
+        hf_base = [*base, "model=hf", f"model.name_or_path={model}"]
+        if smoke:  # debug=fast sizes lmexp's own models
+            hf_base += ["~model.n_layer", "~model.n_embd"]
+        results += compare(hf_base, smoke, "overhead/hf_full_path", with_loader_wait=False)
+    return results
+
+
+def compare(base: list[str], smoke: bool, name: str, with_loader_wait: bool) -> list[Result]:
+    """The full path against the bare loop for the job ``base``: its ratio (and the DataLoader wait)."""
     steps, warmup, rounds = (6, 2, 1) if smoke else (60, 10, 2)
     full_means, bare_means, full_gaps, waits = [], [], [], []
     for _ in range(rounds):
@@ -118,9 +151,9 @@ def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]
     ratio = full / bare
     wait_share = median(waits)
     notes = [f"lmexp.train {' '.join(base)}", f"{rounds} rounds of {steps} steps, first {warmup} dropped"]
-    return [
+    results = [
         Result(
-            name="overhead/full_path",
+            name=name,
             values={
                 "full_path_step_sec": full,
                 "bare_loop_step_sec": bare,
@@ -143,3 +176,4 @@ def run(smoke: bool = False, overrides: list[str] | None = None) -> list[Result]
             notes=[*notes, "full_path_between_steps_share also holds Lightning's hooks and logging"],
         ),
     ]
+    return results if with_loader_wait else results[:1]

@@ -34,14 +34,22 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
 
 def files_digest(paths: Sequence[Path], length: int = 16) -> str:
-    """A digest of the names and contents of ``paths`` (in the given order)."""
+    """A digest of the names and contents of ``paths`` (in the given order); a directory stands for the files
+    in it (sorted by name; hidden ones left out), e.g. a Hugging Face tokenizer's."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(str(Path(path).name).encode() + b"\0")
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\0")
+        path = Path(path)
+        files = (
+            sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            if path.is_dir()
+            else [path]
+        )
+        for file in files:
+            digest.update(str(file.name).encode() + b"\0")
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            digest.update(b"\0")
     return digest.hexdigest()[:length]
 
 

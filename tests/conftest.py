@@ -119,3 +119,19 @@ def cli(tmp_path: Path, cache_dir: Path):
         )
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """``hf_model_dir("gpt2")`` -> a directory holding a tiny saved transformers model of that family (gpt2,
+    llama, qwen2, bert) and its tokenizer, built once per session (tests/models/hf_helpers.py)."""
+    from tests.models.hf_helpers import save_tiny_model
+
+    made: dict[str, Path] = {}
+
+    def _get(family: str) -> Path:
+        if family not in made:
+            made[family] = save_tiny_model(tmp_path_factory.mktemp(f"hf-{family}"), family)
+        return made[family]
+
+    return _get

@@ -44,16 +44,18 @@ def test_cpu_suite_runs_every_benchmark_once(tmp_path, cache_dir):
     expected = {
         "model_step/gpt",
         "model_step/bert",
+        "model_step/llama",
         "model_step/adamw",
         "memory/gpt",
         "overhead/full_path",
+        "overhead/hf_full_path",
         "data/loader_wait",
         "startup/max_steps_1",
         "data/tokenizer_train",
         "data/tokenizer_encode",
     }
     if platform.libc_ver()[0] == "glibc":  # the child process with glibc's malloc tuned
-        expected |= {"model_step/gpt_malloc_tuned", "model_step/bert_malloc_tuned"}
+        expected |= {f"model_step/{m}_malloc_tuned" for m in ("gpt", "bert", "llama")}
     assert set(report["results"]) == expected
     for name, result in report["results"].items():
         assert result["values"], name

@@ -13,7 +13,7 @@ from lmexp.config.schema import name_problem
 
 
 def cross_group_problems(settings: Any, pretrained: Any = None) -> list[str]:
-    """Every problem between groups of ``settings``; ``pretrained``: the ``init_from`` run, if any."""
+    """Every problem between groups of ``settings``; ``pretrained``: the ``init_from`` model, if any."""
     task_class = settings.task_class
     problems = task_problems(settings, task_class, pretrained)
     if problems:  # the rest assumes the task, model and data belong together
@@ -22,6 +22,8 @@ def cross_group_problems(settings: Any, pretrained: Any = None) -> list[str]:
         sequence_problems(settings, task_class, pretrained)
         + pretrained_problems(settings, pretrained)
         + document_mask_problems(settings, task_class)
+        + lora_problems(settings, pretrained)
+        + own_model_problems(settings)
     )
 
 
@@ -41,12 +43,30 @@ def task_problems(settings: Any, task_class: Any, pretrained: Any) -> list[str]:
         return [f"task={task} {task_class.data_hint}"]
     if settings.data.training_problems():
         return settings.data.training_problems()
-    if settings.run.init_from and not task_class.fine_tuning:
-        return [
-            f"init_from={settings.run.init_from}: only fine-tuning tasks (task=classify, task=ner) start "
-            "from pre-trained weights; to continue a run, use ckpt_path"
-        ]
-    return []
+    return init_from_problems(settings, task_class, pretrained)
+
+
+def init_from_problems(settings: Any, task_class: Any, pretrained: Any) -> list[str]:
+    """The rule of ``init_from``: any task the pre-trained model's kind runs starts from its weights (a fresh
+    head for classify/ner; its own head for clm/mlm: continued pre-training, with a new optimizer and
+    schedule from step 0; ``ckpt_path`` is what continues a run exactly). ``hf:<dir or id>`` imports into
+    lmexp's own kind, so it does not go with model=hf, which trains the transformers model itself."""
+    if pretrained is None:
+        return []
+    problems = []
+    if str(settings.run.init_from).startswith("hf:") and choice("model", "") == "hf":
+        name = str(settings.run.init_from).removeprefix("hf:")
+        problems.append(
+            f"init_from={settings.run.init_from} imports into lmexp's own gpt, bert or llama; with model=hf "
+            f"the transformers model trains itself: give model.name_or_path={name} instead"
+        )
+    nsp = getattr(settings.task, "nsp", False)
+    if task_class.name == "mlm" and nsp and pretrained.lacks_weight("nsp_head.weight"):
+        problems.append(
+            f"task.nsp=true: init_from={settings.run.init_from} has no next-sentence head (a masked-LM "
+            "checkpoint); set task.nsp=false"
+        )
+    return problems
 
 
 def sequence_problems(settings: Any, task_class: Any, pretrained: Any) -> list[str]:
@@ -72,9 +92,9 @@ def sequence_problems(settings: Any, task_class: Any, pretrained: Any) -> list[s
 
 def pretrained_problems(settings: Any, pretrained: Any) -> list[str]:
     """An ``init_from`` run whose tokenizer lacks what the model kind frames examples with."""
-    if pretrained is None or settings.model_spec.layout != "cls_sep":
+    if pretrained is None or settings.model_spec.layout != "cls_sep" or not settings.task_class.fine_tuning:
         return []
-    missing = [token for token in ("[CLS]", "[SEP]") if not pretrained.has_token(token)]
+    missing = pretrained.lacks_tokens(("[CLS]", "[SEP]"))
     if missing:
         return [
             f"init_from={settings.run.init_from}: its tokenizer has no {' or '.join(missing)} token, which a "
@@ -128,5 +148,28 @@ def document_mask_problems(settings: Any, task_class: Any) -> list[str]:
         return [
             f"data.document_mask=true: model={choice('model', spec.kind)} cannot mask attention at document "
             f"boundaries (model kinds that can: {able}); set data.document_mask=false"
+        ]
+    return []
+
+
+def lora_problems(settings: Any, pretrained: Any) -> list[str]:
+    """LoRA adapts pre-trained weights: it needs ``init_from`` or a pre-trained ``model=hf``."""
+    model = settings.model
+    hf_weights = settings.model_spec.own_tokenizer and getattr(model, "pretrained", False)
+    if model.lora.enabled and pretrained is None and not hf_weights:
+        return [
+            f"model.lora.r={model.lora.r}: LoRA trains adapters on pre-trained weights, which this run does "
+            "not start from; give init_from=<run dir, .ckpt or hf:model>, or model=hf with "
+            "model.pretrained=true"
+        ]
+    return []
+
+
+def own_model_problems(settings: Any) -> list[str]:
+    """model=hf's masked LMs have no next-sentence head (transformers' ``...ForMaskedLM``)."""
+    if settings.model_spec.own_tokenizer and getattr(settings.task, "nsp", False):
+        return [
+            "task.nsp=true: model=hf trains masked LM only (transformers' masked-LM models have no "
+            "next-sentence head); set task.nsp=false"
         ]
     return []

@@ -13,6 +13,8 @@ a dataclass that inherits :class:`Schema`; each field has
 
 A ``str`` field whose default is not empty must not be empty either (an empty name, field or objective means
 nothing).
+* a field typed with another schema (``lora: LoRAOptions``) is a nested node: its mapping is parsed into that
+  schema, and its problems are named ``<group>.<field>.<key>``.
 
 Constructing a schema checks every field (types, ranges) and the schema's own cross-field
 :meth:`Schema.problems` (those naming a field found wrong are left out); all problems are raised together as
@@ -94,7 +96,8 @@ class Schema:
     group: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        problems = field_problems(self, self.group)
+        problems = nested_problems(self, self.group)
+        problems += field_problems(self, self.group)
         problems += self._cross_field_problems(problems)
         if problems:
             raise ConfigError(problems)
@@ -117,8 +120,11 @@ class Schema:
         return []
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (for checkpoints and logs)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Plain dict of every field, nested schemas as dicts too (for checkpoints and logs)."""
+        return {
+            f.name: value.to_dict() if isinstance(value := getattr(self, f.name), Schema) else value
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def passes_through(cls, name: str) -> bool:
@@ -195,6 +201,24 @@ def plain(node: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------- field checks
+def nested_problems(obj: Any, group: str) -> list[str]:
+    """Parse every nested-schema field of ``obj`` given as a mapping (or null: the schema's defaults) into its
+    schema; returns their problems. A field left as it was fails the type check after this."""
+    problems: list[str] = []
+    hints = _hints(type(obj))
+    for field in dataclasses.fields(obj):
+        schema, value = hints[field.name], getattr(obj, field.name)
+        if not (isinstance(schema, type) and issubclass(schema, Schema)) or isinstance(value, schema):
+            continue
+        if value is None or isinstance(value, Mapping):
+            try:
+                setattr(obj, field.name, parse(schema, value or {}, _join(group, field.name)))
+            except ConfigError as error:
+                problems.extend(error.problems)
+                setattr(obj, field.name, schema())  # reported above; the defaults keep later checks quiet
+    return problems
+
+
 def field_problems(obj: Any, group: str) -> list[str]:
     """Type and range problems of every field of the dataclass instance ``obj``; normalises ints in float
     fields to floats."""

@@ -46,5 +46,22 @@ class DataContext:
     """How the model kind frames a labelled example: ``cls_sep`` or ``eos`` (its registry spec)."""
     tokenizer_model: bytes | None = None
     """A ready sentencepiece model (a pre-trained run's, or a checkpoint's) instead of training one."""
+    tokenizer_dir: Path | None = None
+    """A Hugging Face tokenizer's directory (the model's own with model=hf or init_from=hf:..., or a
+    checkpoint's), used instead of a sentencepiece tokenizer."""
     labels: list[str] | None = None
     """Fine-tuning: the label set (from a checkpoint); None = the training split's."""
+
+    def given_tokenizer(self) -> Any:
+        """The tokenizer this run is given (a Hugging Face one, or a ready sentencepiece model), loaded; None
+        when the data module trains (or loads its cached) sentencepiece tokenizer."""
+        from lmexp.data.text_tokenizer import HFTokenizer
+        from lmexp.data.tokenizer import Tokenizer
+        from lmexp.data.tokenizer_store import cache_tokenizer_model
+
+        if self.tokenizer_dir is not None:
+            return HFTokenizer.load(self.tokenizer_dir)
+        if self.tokenizer_model is not None:
+            model_file = cache_tokenizer_model(self.tokenizer_model, self.cache_dir)
+            return Tokenizer.load(model_file, self.tokenizer.resolved_threads())
+        return None

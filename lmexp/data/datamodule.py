@@ -9,7 +9,8 @@ ever held in memory. Splits are decided per document by a seeded hash of its tex
 cached under ``cache_dir`` by what it depends on, built once under file locks:
 
     corpora/<hash>/documents.txt   the generated built-in corpus (documents separated by blank lines)
-    tokenizers/<hash>/spm.model    the sentencepiece model trained on the sample
+    tokenizers/<hash>/spm.model    the sentencepiece model trained on the sample (unless the run is
+                                   given one: the model's own, a checkpoint's; data/tokenizer_store.py)
     sources/<hash>/...             the token shards of each source (layout in lmexp/data/prepare.py)
 
 Masked LM (``task=mlm``) reads sentence pairs, which need whole documents as text: it reads the documents
@@ -49,6 +50,7 @@ from lmexp.data.sampling import EvaluationBatches, ShardedLoaders, spaced_subset
 from lmexp.data.sources import SourceSpec, is_hf_source, open_hf_dataset, read_unit
 from lmexp.data.tokenizer import TokenizerConfig, load_tokenizer
 from lmexp.data.tokenizer_sample import SampleConfig, train_or_load_sampled_tokenizer, units_to_read
+from lmexp.data.tokenizer_store import cache_tokenizer_model
 from lmexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -334,6 +336,7 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
         self.num_workers = config.num_workers
         self.tokenizer_config = context.tokenizer
         self.tokenizer_model = context.tokenizer_model
+        self.tokenizer_dir = context.tokenizer_dir
         self.cache_dir = Path(context.cache_dir).expanduser()
         self.seed = context.seed
         self.tokenizer: Any = None
@@ -448,11 +451,13 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
         self.prepare()
 
     def _ready_tokenizer(self) -> Path | None:
-        """A checkpoint's (or a pre-trained run's) sentencepiece model, written into the cache."""
+        """The tokenizer the run is given instead of training one: a Hugging Face tokenizer's directory (the
+        model's own with model=hf or init_from=hf:, or a checkpoint's), or a checkpoint's (or pre-trained
+        run's) sentencepiece model, written into the cache; the engine loads either (``load_tokenizer``)."""
+        if self.tokenizer_dir is not None:
+            return Path(self.tokenizer_dir)
         if self.tokenizer_model is None:
             return None
-        from lmexp.data.labelled import cache_tokenizer_model
-
         return cache_tokenizer_model(self.tokenizer_model, self.cache_dir)
 
     def _sample_config(self) -> SampleConfig:

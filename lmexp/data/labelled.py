@@ -14,7 +14,6 @@ others are ignored (label -100) in the loss and the metrics.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,12 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import Dataset
 
-from lmexp.cache import atomic_path, build_lock, files_digest
+from lmexp.cache import files_digest
 from lmexp.config.schema import at_least, positive
 from lmexp.data.context import DataConfig, DataContext
 from lmexp.data.packing import IGNORE_INDEX
 from lmexp.data.sampling import ShardedLoaders
-from lmexp.data.tokenizer import MODEL_FILE, Tokenizer, train_or_load_tokenizer
+from lmexp.data.tokenizer import Tokenizer, train_or_load_tokenizer
 from lmexp.errors import ConfigError, DataError
 
 EXAMPLE_FORMATS = ("classify", "ner")
@@ -253,9 +252,9 @@ class LabelledDataConfig(DataConfig):
 class LabelledData(ShardedLoaders, LightningDataModule):
     """Labelled examples for ``task=classify`` (text -> label) and ``task=ner`` (words -> tags).
 
-    ``context.tokenizer_model`` (a pre-trained run's tokenizer) is used when given, else a tokenizer is
-    trained on the training split; ``context.labels`` (a checkpoint's label set) likewise, else the sorted
-    labels of the training split. Examples are framed for the model kind (``context.layout``).
+    ``context.given_tokenizer()`` (a pre-trained run's or the model's own tokenizer) is used when given,
+    else one is trained on the training split; ``context.labels`` (a checkpoint's label set) likewise, else
+    the sorted labels of the training split. Examples are framed for the model kind (``context.layout``).
     """
 
     def __init__(self, config: LabelledDataConfig, context: DataContext) -> None:
@@ -276,7 +275,7 @@ class LabelledData(ShardedLoaders, LightningDataModule):
         self.cache_dir = Path(context.cache_dir).expanduser()
         self.seed = context.seed
         self.example_format = context.example_format
-        self.tokenizer_model = context.tokenizer_model
+        self.given_tokenizer = context.given_tokenizer  # a checkpoint's or the model's own (model=hf)
         self.layout = context.layout
         self.labels: list[str] | None = list(context.labels) if context.labels is not None else None
         self.tokenizer: Tokenizer | None = None
@@ -330,9 +329,9 @@ class LabelledData(ShardedLoaders, LightningDataModule):
                 )
 
     def _tokenizer(self) -> Tokenizer:
-        threads = self.tokenizer_config.resolved_threads()
-        if self.tokenizer_model is not None:
-            return Tokenizer.load(cache_tokenizer_model(self.tokenizer_model, self.cache_dir), threads)
+        given = self.given_tokenizer()
+        if given is not None:
+            return given
         if "train" not in self.records:
             raise ConfigError("data.train_path is not set: a tokenizer is trained on the training split")
         train = self.records["train"]
@@ -403,15 +402,3 @@ def align_word_labels(
         ids.extend(pieces)
         labels.extend([label] + [IGNORE_INDEX] * (len(pieces) - 1))
     return ids, labels
-
-
-def cache_tokenizer_model(model_bytes: bytes, cache_dir: Path) -> Path:
-    """Write a checkpoint's sentencepiece model into the cache (by content hash); return its path."""
-    digest = hashlib.sha256(model_bytes).hexdigest()[:16]
-    directory = Path(cache_dir).expanduser() / "tokenizers" / f"checkpoint-{digest}"
-    path = directory / MODEL_FILE
-    with build_lock(directory):
-        if not path.is_file():
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(model_bytes)
-    return path

@@ -40,6 +40,7 @@ def evaluate_labelled(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, floa
     import lightning.pytorch as pl
 
     from lmexp.data.context import DataContext
+    from lmexp.data.tokenizer_store import as_given
     from lmexp.training.run import quiet_lightning
 
     quiet_lightning()
@@ -51,9 +52,9 @@ def evaluate_labelled(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, floa
         tokenizer=run.group("tokenizer"),
         cache_dir=Path(str(cfg.paths.cache_dir)).expanduser(),
         example_format=run.task.data_format,
-        layout=run.model_spec.layout,
-        tokenizer_model=run.tokenizer.path.read_bytes(),
+        layout=run.layout,
         labels=run.labels,
+        **as_given(run.tokenizer),
     )
     datamodule = data.build(context)
     trainer = pl.Trainer(

@@ -2,11 +2,15 @@
 
 gpt (task=clm) becomes ``GPT2LMHeadModel``; llama ``LlamaForCausalLM``; bert ``BertForMaskedLM``
 (pre-trained), ``BertForSequenceClassification`` (task=classify) or ``BertForTokenClassification``
-(task=ner). Each model kind's adapter (lmexp/models/<kind>_hf.py, named in the model registry) renames the
-weights, transposes GPT-2's Conv1D matrices, splits BERT's fused qkv and drops the padded vocabulary rows.
+(task=ner); a ``model=hf`` language model is its own transformers class, saved as it is. LoRA adapters are
+merged into the weights first (the directory holds a plain model). Each model kind's adapter
+(lmexp/models/<kind>_hf.py, named in the model registry) renames the weights, transposes GPT-2's Conv1D
+matrices, splits BERT's fused qkv and drops the padded vocabulary rows.
 The tokenizer is the run's sentencepiece model rebuilt as a ``tokenizers`` tokenizer (same normalizer,
-pieces, byte fallback and special tokens), so ``AutoTokenizer.from_pretrained(out)`` gives lmexp's ids.
-The exported model's logits are compared with lmexp's before the directory is put in place.
+pieces, byte fallback and special tokens), so ``AutoTokenizer.from_pretrained(out)`` gives lmexp's ids; a
+run with a Hugging Face tokenizer (model=hf, init_from=hf:...) saves that one.
+The exported model's logits are compared with lmexp's before the directory is put in place (a model=hf
+model's after it is read back from the staging directory).
 """
 
 from __future__ import annotations
@@ -149,12 +153,37 @@ def hf_model(run: Any, cfg: DictConfig) -> Any:
     )
 
 
+def own_model(run: Any, cfg: DictConfig) -> Any:
+    """A ``model=hf`` run's transformers model itself (a language model: task=clm or task=mlm)."""
+    if run.task_name not in ("clm", "mlm"):
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: a model=hf fine-tuned with task={run.task_name} has an lmexp head "
+            "that no transformers class holds; export writes model=hf language models (task=clm, task=mlm)"
+        )
+    return run.task.model.hf.eval()
+
+
+def _reloaded(directory: Path, model: Any) -> Any:
+    """The exported model read back with its own class's ``from_pretrained`` (as a user loads it)."""
+    return type(model).from_pretrained(directory, dtype=model.dtype).eval()
+
+
+def _tokenizer_of(run: Any, bert: bool, max_length: int | None) -> Any:
+    """The run's tokenizer as transformers saves it: a Hugging Face one as it is, lmexp's sentencepiece
+    model rebuilt (:func:`hf_tokenizer`)."""
+    from lmexp.data.text_tokenizer import HFTokenizer
+
+    if isinstance(run.tokenizer, HFTokenizer):
+        return run.tokenizer.hf
+    return hf_tokenizer(run.tokenizer.path, bert, max_length)
+
+
 # -------------------------------------------------------------------------------------------- parity
 def lmexp_logits(task: Any, input_ids: Any, attention_mask: Any) -> Any:
     """lmexp's logits for ``input_ids`` (B, T), the padded vocabulary rows dropped."""
     vocab = task.train_metrics.vocab_size if task.name in ("clm", "mlm") else None
     if task.name == "clm":
-        return task.model(input_ids)[..., :vocab]  # (B, T, V)
+        return task.model(input_ids, attention_mask=attention_mask)[..., :vocab]  # (B, T, V)
     if task.name == "mlm":
         return task.model(input_ids, None, attention_mask)[0][..., :vocab]  # (B, T, V)
     return task.model(input_ids, attention_mask)  # (B, K) or (B, T, K)
@@ -177,7 +206,7 @@ def check_parity(task: Any, hf_model: Any, tokenizer: Any, texts: list[str], ber
         input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
     with torch.no_grad():
         ours = lmexp_logits(task, input_ids, mask)
-        theirs = hf_model(input_ids=input_ids, attention_mask=mask).logits
+        theirs = hf_model(input_ids=input_ids, attention_mask=mask).logits[..., : ours.shape[-1]]
     if ours.dim() == 3:  # compare real positions only
         real = mask.bool()
         ours, theirs = ours[real], theirs[real]
@@ -196,7 +225,9 @@ def export(cfg: DictConfig) -> Path:
     from lmexp.inference.restore import require, restore_run
 
     require(
-        cfg, ckpt_path="a gpt or bert checkpoint (a .ckpt)", out="the directory to write, e.g. out=hf-model"
+        cfg,
+        ckpt_path="a gpt, llama, bert or model=hf checkpoint (a .ckpt)",
+        out="the directory to write, e.g. out=hf-model",
     )
     _require_transformers()
     from transformers.utils import logging as hf_logging
@@ -209,15 +240,22 @@ def export(cfg: DictConfig) -> Path:
         )
     run = restore_run(cfg.ckpt_path, cfg.paths.cache_dir)
     task = run.task
-    model = hf_model(run, cfg)
-    bert = run.model_spec.layout == "cls_sep"
-    tokenizer = hf_tokenizer(run.tokenizer.path, bert, model.config.max_position_embeddings)
-    diff = check_parity(task, model, run.tokenizer, PARITY_TEXTS, bert)
+    if task.adapters_only:
+        from lmexp.models.lora import merge_lora
+
+        merge_lora(task.model)  # adapters folded into the weights: a plain model
+    own = run.model_spec.kind == "hf"
+    model = own_model(run, cfg) if own else hf_model(run, cfg)
+    bert = run.layout == "cls_sep"
+    tokenizer = _tokenizer_of(run, bert, model.config.max_position_embeddings)
+    diff = None if own else check_parity(task, model, run.tokenizer, PARITY_TEXTS, bert)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if own:  # what from_pretrained gives back must be what was trained
+            diff = check_parity(task, _reloaded(staging, model), run.tokenizer, PARITY_TEXTS, bert)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -38,10 +38,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from lmexp.config.schema import between, positive
+from lmexp.config.schema import between, listed, positive
 from lmexp.errors import ConfigError
 from lmexp.models.config import ModelConfig, heads_problem
 from lmexp.models.layers import Block, init_weights
+from lmexp.models.lora import LoRAOptions
 
 INIT_STD = 0.02  # BERT's initializer_range
 GELU_APPROXIMATE = "none"  # Hugging Face's hidden_act="gelu" is the exact erf GELU
@@ -77,6 +78,8 @@ class BERTConfig(ModelConfig):
     """MLP hidden width as a multiple of ``n_embd`` (BERT's intermediate_size = 4 * hidden_size)."""
     name: str = "bert"
     """Informational label for logs and run names."""
+    lora: LoRAOptions = listed(LoRAOptions)
+    """LoRA adapters (``model.lora.r=8 model.lora.target=[...]``, lmexp/models/lora.py); null ``r``: off."""
 
     def problems(self) -> list[str]:
         return heads_problem(self.n_embd, self.n_head)

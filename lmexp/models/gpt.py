@@ -20,12 +20,13 @@ from functools import partial
 import torch
 from torch import nn
 
-from lmexp.config.schema import between, positive
+from lmexp.config.schema import between, listed, positive
 from lmexp.errors import ConfigError
 from lmexp.models.config import ModelConfig, heads_problem
 from lmexp.models.document_mask import block_causal_mask, document_positions
 from lmexp.models.head_loss import HeadLoss, linear_cross_entropy
 from lmexp.models.layers import Block, CausalDecoder, KVCache, init_weights, scale_residual_projections
+from lmexp.models.lora import LoRAOptions
 
 INIT_STD = 0.02  # GPT-2's initializer_range
 MLP_RATIO = 4  # GPT-2's MLP width is 4 * n_embd; fixed so exported checkpoints load in HF
@@ -58,6 +59,8 @@ class GPTConfig(ModelConfig):
     """Epsilon of every LayerNorm."""
     name: str = "gpt"
     """Informational label for logs and run names."""
+    lora: LoRAOptions = listed(LoRAOptions)
+    """LoRA adapters (``model.lora.r=8 model.lora.target=[...]``, lmexp/models/lora.py); null ``r``: off."""
 
     def problems(self) -> list[str]:
         return heads_problem(self.n_embd, self.n_head)

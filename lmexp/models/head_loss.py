@@ -80,6 +80,16 @@ def linear_cross_entropy(
     return HeadLoss(nll_sum, predictions)
 
 
+def logits_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, n_classes: int | None = None
+) -> HeadLoss:
+    """The :class:`HeadLoss` of ready logits (N, V) against ``labels`` (N,): for a model whose output layer
+    is more than a Linear (e.g. logit soft-capping), where :func:`linear_cross_entropy` cannot stand in."""
+    logits = logits.float()
+    nll_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return HeadLoss(nll_sum, logits[:, : n_classes or logits.shape[1]].detach().argmax(dim=-1))
+
+
 def _plain(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmexp.config.schema import between, positive
+from lmexp.config.schema import between, listed, positive
 from lmexp.errors import ConfigError
 from lmexp.models.config import ModelConfig, heads_problem
 from lmexp.models.document_mask import block_causal_mask, document_positions
@@ -45,6 +45,7 @@ from lmexp.models.layers import (
     mark_residual_projection,
     scale_residual_projections,
 )
+from lmexp.models.lora import LoRAOptions
 
 INIT_STD = 0.02  # as GPT-2 and Llama (initializer_range)
 
@@ -104,6 +105,8 @@ class LlamaConfig(ModelConfig):
     """Dropout on embeddings, attention probabilities and residual branches, in [0, 1)."""
     name: str = "llama"
     """Informational label for logs and run names."""
+    lora: LoRAOptions = listed(LoRAOptions)
+    """LoRA adapters (``model.lora.r=8 model.lora.target=[...]``, lmexp/models/lora.py); null ``r``: off."""
 
     def problems(self) -> list[str]:
         problems = heads_problem(self.n_embd, self.n_head)

@@ -7,16 +7,23 @@ peft's ``inject_adapter_in_model`` works on plain ``nn.Module`` s, so the models
 
 A target names a module-name suffix, as peft matches them: ``"qkv"`` matches ``blocks.0.attn.qkv``, and
 ``"attn.proj"`` only the attention's output projection where ``"proj"`` would match the MLP's too.
+
+In a run, :class:`LoRAOptions` is the ``model.lora`` node of every model kind (``model.lora.r=8
+model.lora.target=[q_proj,v_proj]``); the task applies it to its backbone after the pre-trained weights are in
+(lmexp/tasks/base.py, ``Task.apply_lora``).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from lmexp.config.schema import Schema, between, listed, parse, positive
 from lmexp.errors import ConfigError
 
 ADAPTER_NAME = "default"  # peft's name for the one adapter lmexp uses
@@ -25,9 +32,45 @@ ADAPTER_NAME = "default"  # peft's name for the one adapter lmexp uses
 _HEAD_NAMES = ("lm_head",)
 
 
+@dataclass
+class LoRAOptions(Schema):
+    """``model.lora``: low-rank adapters on some Linear layers of any model kind; off while ``r`` is null."""
+
+    group: ClassVar[str] = "model.lora"
+
+    r: int | None = positive(None)
+    """Rank of the adapters; null = no LoRA (every weight trains)."""
+    alpha: float = positive(16.0)
+    """Scale numerator: an adapter's update is multiplied by ``alpha / r``."""
+    dropout: float = between(0.0, 0.0, 1.0, high_open=True)
+    """Dropout on the adapters' input, in [0, 1)."""
+    target: list[str] = listed(list)
+    """Module-name suffixes of the Linear layers to adapt (``[q_proj, v_proj]``; a wrong one lists the
+    names that exist)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether adapters are added (``r`` is set)."""
+        return self.r is not None
+
+    def problems(self) -> list[str]:
+        if self.enabled and (not self.target or not all(self.target)):
+            return [
+                f"{self.group}.target={self.target}: expected a non-empty list of module-name suffixes, e.g. "
+                f"{self.group}.target=[q_proj,v_proj]"
+            ]
+        return []
+
+
 def _matches(name: str, target: str) -> bool:
     """peft's rule for a list of targets: the whole module name, or its ending after a dot."""
     return name == target or name.endswith(f".{target}")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A layer peft's LoRA adapts as a matrix: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's Linear
+    with a transposed weight)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -35,28 +78,32 @@ def linear_module_names(model: nn.Module) -> list[str]:
     ``blocks.0.attn.qkv``), in order of first appearance."""
     names: dict[str, None] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if _is_linear(module):
             names[re.sub(r"^(.*\.)?\d+\.", "", name)] = None  # after the last numeric part
     return list(names)
 
 
 def _check_settings(r: int, alpha: float, dropout: float, target: Sequence[str], key: str) -> None:
-    problems = []
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        problems.append(f"{key}.r={r!r}: expected an int >= 1")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        problems.append(f"{key}.alpha={alpha!r}: expected a number > 0")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        problems.append(f"{key}.dropout={dropout!r}: expected a float in [0, 1)")
-    if isinstance(target, str) or not target or not all(isinstance(t, str) and t for t in target):
-        problems.append(f"{key}.target={target!r}: expected a non-empty list of module-name suffixes")
-    if problems:
-        raise ConfigError(problems)
+    """The settings checked as a ``model.lora`` node is (one home for the rules: :class:`LoRAOptions`)."""
+    parse(LoRAOptions, {"r": r, "alpha": alpha, "dropout": dropout, "target": target}, key)
+    if r is None:
+        raise ConfigError(f"{key}.r=null: expected the adapters' rank, an int >= 1")
+
+
+def _output_layers(model: nn.Module) -> set[int]:
+    """ids of the layers whose weight a loss reads directly: lmexp's ``lm_head`` s, and a Hugging Face
+    model's output embeddings."""
+    found = {id(module) for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in _HEAD_NAMES}
+    for module in model.modules():
+        get_output = getattr(module, "get_output_embeddings", None)
+        if callable(get_output) and isinstance(output := get_output(), nn.Module):
+            found.add(id(output))
+    return found
 
 
 def _check_targets(model: nn.Module, target: Sequence[str], key: str) -> None:
     """ConfigError for a target that matches no Linear layer, or one that LoRA cannot adapt here."""
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    linears = {name: module for name, module in model.named_modules() if _is_linear(module)}
     unmatched = [t for t in target if not any(_matches(name, t) for name in linears)]
     if unmatched:
         raise ConfigError(
@@ -68,10 +115,11 @@ def _check_targets(model: nn.Module, target: Sequence[str], key: str) -> None:
     for name, module in model.named_modules():
         for param in module.parameters(recurse=False):
             owners.setdefault(id(param), []).append(name)
+    heads = _output_layers(model)
     for name, module in linears.items():
         if not any(_matches(name, t) for t in target):
             continue
-        if name.rsplit(".", 1)[-1] in _HEAD_NAMES:
+        if id(module) in heads:
             raise ConfigError(
                 f"{key}.target={list(target)} matches the output layer {name}: expected other layers "
                 "(the loss reads its weight directly, so an adapter there would be skipped)"
@@ -111,7 +159,17 @@ def apply_lora(
 
     _check_settings(r, alpha, dropout, target, key)
     _check_targets(model, target, key)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=list(target))
+    # GPT-2's Conv1D stores its weight as (in, out); peft must be told, or it warns and finds out itself.
+    conv1d = any(
+        type(m).__name__ == "Conv1D" and any(_matches(n, t) for t in target) for n, m in model.named_modules()
+    )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=float(dropout),
+        target_modules=list(target),
+        fan_in_fan_out=conv1d,
+    )
     model = inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     # peft freezes the base weights; freeze the rest too (norms, embeddings), so only adapters train.
     for name, param in model.named_parameters():

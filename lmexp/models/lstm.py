@@ -16,10 +16,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from lmexp.config.schema import between, positive
+from lmexp.config.schema import between, listed, positive
 from lmexp.models.config import ModelConfig
 from lmexp.models.head_loss import HeadLoss, linear_cross_entropy
 from lmexp.models.layers import Step, init_weights, last_token
+from lmexp.models.lora import LoRAOptions
 
 LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (n_layer, B, H)
 INIT_STD = 0.02  # Linear layers (projection, untied head), as in the transformers
@@ -57,6 +58,8 @@ class LSTMConfig(ModelConfig):
     an LSTM has no position limit, so None means unlimited and the model never enforces it."""
     name: str = "lstm"
     """Informational label for logs and run names."""
+    lora: LoRAOptions = listed(LoRAOptions)
+    """LoRA adapters (``model.lora.r=8 model.lora.target=[...]``, lmexp/models/lora.py); null ``r``: off."""
 
     @property
     def hidden_width(self) -> int:

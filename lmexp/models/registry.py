@@ -14,6 +14,10 @@ backbone methods.
 - ``drop_pretraining_heads(keep_pooler)``: remove what fine-tuning never calls;
 - ``shard_units() -> list[nn.Module]``: the sub-modules FSDP shards one by one (the transformer blocks).
 
+A kind whose config also has a ``layout`` (model=hf: it depends on the model it loads) frames labelled
+examples by it rather than by its spec; a kind with ``own_tokenizer`` brings its tokenizer (the config's
+``tokenizer_dir(cache_dir)``) instead of lmexp training a sentencepiece one.
+
 Causal language models (``pretraining="clm"``) also offer ``forward(input_ids, labels=None)`` (logits, or with
 labels the summed loss as a :class:`~lmexp.models.head_loss.HeadLoss`) and ``start_generation(prompt)``;
 masked language models (``"mlm"``) offer ``forward(input_ids, token_type_ids, attention_mask, mlm_positions)``
@@ -51,11 +55,15 @@ class ModelSpec:
     """The ``model_type`` of the Hugging Face configs this kind can import (``gpt2``, ``bert``, ``llama``)."""
     document_mask: bool = False
     """Its forward takes ``document_ids``: attention masked at document boundaries (data.document_mask)."""
+    also_pretrains: tuple[str, ...] = ()
+    """Further pre-training tasks (model=hf: ``mlm`` too, for the models whose head is a masked-LM one)."""
+    own_tokenizer: bool = False
+    """The model brings its own tokenizer (model=hf: its ``AutoTokenizer``); no sentencepiece is trained."""
 
     @property
     def tasks(self) -> tuple[str, ...]:
         """Every task this kind can run."""
-        return (self.pretraining, *self.fine_tuning)
+        return (self.pretraining, *self.also_pretrains, *self.fine_tuning)
 
     def config_type(self) -> type:
         """The config dataclass (imported on first use: model files import torch)."""
@@ -79,6 +87,9 @@ MODELS: dict[str, ModelSpec] = {
             hf_adapter="lmexp.models.llama_hf", hf_model_type="llama", document_mask=True,
         ),
         ModelSpec("lstm", "lmexp.models.lstm.LSTMConfig", "clm"),
+        ModelSpec(
+            "hf", "lmexp.models.hf.HFModelConfig", "clm", also_pretrains=("mlm",), own_tokenizer=True,
+        ),
     )
 }  # fmt: skip
 

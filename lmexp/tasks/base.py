@@ -103,6 +103,9 @@ class Task(LightningModule):
         # and resume rebuild the run from the checkpoint alone.
         self.checkpoint_extras: dict[str, Any] = {}
         self.flops_per_batch: float | None = None  # read by the throughput callback; MFU needs it
+        # Set by the builder: model/params and model/trainable_params, counted before any sharding.
+        self.parameter_counts: dict[str, int] = {}
+        self.adapters_only = False  # LoRA: checkpoints keep only what trains (Task.apply_lora)
         self.train_metrics: torch.nn.Module
         self.val_metrics: torch.nn.Module
         self.test_metrics: torch.nn.Module
@@ -118,8 +121,44 @@ class Task(LightningModule):
         return {}
 
     def load_pretrained(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Fine-tuning tasks: load a pre-trained run's weights into the backbone (``init_from``)."""
-        raise NotImplementedError(f"task={self.name} does not start from a pre-trained run")
+        """Start from a pre-trained model's weights (``init_from``): a pre-training task (clm, mlm) takes them
+        all; weights the pre-trained model may lack (:meth:`fresh_weights`) keep their fresh init."""
+        load_weights_into(self.model, pretrained_weights(state_dict), self.fresh_weights())
+
+    def fresh_weights(self) -> tuple[str, ...]:
+        """Prefixes of the weights a pre-trained model may lack, which then start fresh (a BERT imported from
+        a masked-LM checkpoint has no pooler and no next-sentence head)."""
+        return ()
+
+    # ------------------------------------------------------------------------------------------- LoRA
+    def apply_lora(self, options: Any) -> None:
+        """LoRA adapters (``model.lora``, lmexp/models/lora.py) on the backbone, whose weights freeze; a
+        fine-tuning head keeps training. Call after the pre-trained weights are in. From then on checkpoints
+        keep only what trains (adapters and head), and loading one needs the base weights already in place."""
+        from lmexp.models.lora import apply_lora
+
+        backbone = getattr(self.model, "backbone", self.model)
+        apply_lora(backbone, options.r, options.alpha, options.dropout, options.target, key="model.lora")
+        self.adapters_only = True
+        self.strict_loading = (
+            False  # Lightning loads the adapters onto the base; checked in on_load_checkpoint
+        )
+
+    def trained_names(self) -> set[str]:
+        """State-dict names of the parameters that train (what a LoRA checkpoint keeps)."""
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
+    def check_trained_weights(self, state_dict: dict[str, Any], where: str) -> None:
+        """A CheckpointError when ``state_dict`` lacks a weight that trains (a LoRA checkpoint of other
+        adapters, or of another model)."""
+        from lmexp.errors import CheckpointError
+
+        missing = sorted(self.trained_names() - set(state_dict))
+        if missing:
+            raise CheckpointError(
+                f"{where}: the checkpoint lacks {len(missing)} trained weights of this model (e.g. "
+                f"{missing[0]}); expected one written by a run with the same model.lora and task"
+            )
 
     # ---------------------------------------------------------------------------------------- metrics
     def split_values(self, split: str) -> dict[str, torch.Tensor]:
@@ -181,6 +220,11 @@ class Task(LightningModule):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if (
+            self.adapters_only and "state_dict" in checkpoint
+        ):  # the base weights are the init_from / hf model's
+            keep = self.trained_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lmexp"] = dict(self.checkpoint_extras)
         # Random states, so that a resumed run draws the same dropout masks as one never stopped.
         checkpoint["lmexp"]["rng"] = {
@@ -191,6 +235,8 @@ class Task(LightningModule):
         checkpoint["lmexp"]["train_window"] = self._train_window_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapters_only and "state_dict" in checkpoint:
+            self.check_trained_weights(checkpoint["state_dict"], "ckpt_path")
         extras = checkpoint.get("lmexp", {})
         rng = extras.get("rng")
         if rng:
@@ -232,6 +278,39 @@ class Task(LightningModule):
                     setattr(metric, key, [saved.to(metric.device)])
                 else:
                     setattr(metric, key, saved.to(current.device, current.dtype))
+
+
+def pretrained_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights under the model's own names: ``model.`` (the task's attribute),
+    ``_orig_mod.`` (torch.compile's wrapper) and ``backbone.`` (a fine-tuned run's) taken off."""
+    weights = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("model.").removeprefix("_orig_mod.")
+        weights[name.removeprefix("backbone.")] = value
+    return weights
+
+
+def load_weights_into(
+    module: torch.nn.Module, weights: dict[str, torch.Tensor], fresh: tuple[str, ...]
+) -> None:
+    """Copy ``weights`` into ``module``: every weight it has must be there with its shape, except those whose
+    names start with a ``fresh`` prefix (they keep their init); one-line CheckpointErrors naming init_from."""
+    from lmexp.errors import CheckpointError
+
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in weights and not k.startswith(fresh or ("\0",)))
+    if missing:
+        raise CheckpointError(
+            f"init_from: the checkpoint lacks weights of this model: {missing[:3]}"
+            + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+        )
+    for key, value in own.items():
+        if key in weights and tuple(weights[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"init_from: weight {key} has shape {tuple(weights[key].shape)} in the checkpoint, "
+                f"{tuple(value.shape)} in this model; expected the model config it was saved with"
+            )
+    module.load_state_dict({k: weights[k] for k in own if k in weights}, strict=False)
 
 
 def _numpy_state_to_plain(state: tuple) -> list:

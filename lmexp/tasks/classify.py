@@ -24,8 +24,7 @@ from torchmetrics.classification import (
 )
 
 from lmexp.config.schema import between
-from lmexp.errors import CheckpointError
-from lmexp.tasks.base import Task, TaskConfig, TaskInputs
+from lmexp.tasks.base import Task, TaskConfig, TaskInputs, load_weights_into, pretrained_weights
 from lmexp.tasks.metrics import IGNORE_INDEX
 
 
@@ -139,18 +138,10 @@ class SequenceClassificationTask(Task):
         """Load pre-trained weights (a pre-training or fine-tuning checkpoint's) into the backbone.
 
         Heads the checkpoint has and this model does not (LM, NSP, an earlier classifier) are skipped;
-        every backbone weight must be in the checkpoint.
+        every backbone weight must be in the checkpoint, except a pooler (a masked-LM checkpoint has none;
+        it starts fresh, as in transformers).
         """
-        weights = {}
-        for key, value in state_dict.items():
-            name = key.removeprefix("model.").removeprefix("_orig_mod.")
-            weights[name.removeprefix("backbone.")] = value
-        backbone = self.model.backbone
-        own = backbone.state_dict()
-        missing = sorted(set(own) - set(weights))
-        if missing:
-            raise CheckpointError(f"init_from: the checkpoint lacks backbone weights {missing[:3]}")
-        backbone.load_state_dict({k: weights[k] for k in own})
+        load_weights_into(self.model.backbone, pretrained_weights(state_dict), ("pooler.",))
 
     # ----------------------------------------------------------------------------------------- steps
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:

@@ -154,6 +154,10 @@ class MaskedLMTask(CausalLMTask):
     def data_options(cls, config: TaskConfig) -> dict[str, Any]:
         return {"nsp": config.nsp}
 
+    def fresh_weights(self) -> tuple[str, ...]:
+        # A masked-LM checkpoint (BertForMaskedLM) has neither; the next-sentence head is needed with nsp.
+        return ("pooler.",) if self.nsp else ("pooler.", "nsp_head.")
+
     @classmethod
     def build(cls, config: TaskConfig, model: torch.nn.Module, inputs: TaskInputs, **kwargs: Any) -> Task:
         tokenizer = inputs.tokenizer

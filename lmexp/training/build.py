@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lmexp.config.settings import RunSettings, target_class
+from lmexp.config.settings import RunSettings
 from lmexp.data.context import DataContext
 from lmexp.errors import ConfigError
 from lmexp.tasks.base import TaskInputs
@@ -24,60 +24,185 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- init_from
+HF_PREFIX = "hf:"  # init_from=hf:<dir or hub id>: a Hugging Face model imported into lmexp's own kind
+
+
 @dataclass
 class Pretrained:
-    """The run a fine-tuning job starts from (``init_from``): its checkpoint, loaded once."""
+    """The model a run starts from (``init_from``), loaded once: an lmexp run's checkpoint, or a Hugging Face
+    GPT-2, BERT or Llama imported into lmexp's ``gpt``, ``bert`` or ``llama`` (``hf:<dir or id>``).
 
-    path: Path
-    checkpoint: dict[str, Any]
+    The run adopts its model config and its tokenizer; the task loads its weights (a fine-tuning task into the
+    backbone under a fresh head, ``clm``/``mlm`` into the whole model).
+    """
+
+    source: str
+    """``init_from`` as given."""
+    model_node: dict[str, Any]
+    """The model config of the pre-trained model (its ``_target_`` names the kind)."""
+    state_dict: dict[str, Any]
+    """Its weights, under the task's names (``model.*``)."""
+    tokenizer_node: dict[str, Any] | None
+    """The ``tokenizer`` settings of an lmexp run (None for an imported model: its tokenizer is its own)."""
+    tokenizer: dict[str, Any]
+    """``{"tokenizer_model": bytes | None, "tokenizer_dir": Path | None}`` (lmexp/data/tokenizer_store.py)."""
+    fingerprint: str
+    """Identifies the weights (recorded as a LoRA run's base, checked when it is restored)."""
 
     @property
-    def run(self) -> dict[str, Any]:
-        """What lmexp keeps in a checkpoint: the run's config, model config, tokenizer..."""
-        return self.checkpoint["lmexp"]
+    def tokenizer_bytes(self) -> bytes | None:
+        """The sentencepiece model of an lmexp run (None: a Hugging Face tokenizer)."""
+        return self.tokenizer["tokenizer_model"]
 
-    @property
-    def tokenizer_bytes(self) -> bytes:
-        return self.run["tokenizer_model"].numpy().tobytes()
+    def lacks_tokens(self, pieces: tuple[str, ...]) -> list[str]:
+        """The special tokens among ``pieces`` (``[CLS]``, ``[SEP]``, ...) its tokenizer does not have."""
+        if self.tokenizer["tokenizer_dir"] is not None:
+            from lmexp.data.text_tokenizer import HFTokenizer
 
-    def has_token(self, piece: str) -> bool:
-        """Whether the run's tokenizer has ``piece`` as a token of its own."""
+            return HFTokenizer.load(self.tokenizer["tokenizer_dir"]).missing(pieces)
         import sentencepiece as spm
 
         processor = spm.SentencePieceProcessor(model_proto=self.tokenizer_bytes)
-        return processor.piece_to_id(piece) != processor.unk_id()
+        return [piece for piece in pieces if processor.piece_to_id(piece) == processor.unk_id()]
+
+    def lacks_weight(self, name: str) -> bool:
+        """Whether the model-level weight ``name`` (e.g. ``nsp_head.weight``) is not among its weights."""
+        return f"model.{name}" not in self.state_dict and f"model.backbone.{name}" not in self.state_dict
 
 
 def load_pretrained(cfg: DictConfig) -> Pretrained | None:
-    """The ``init_from`` run of a fine-tuning job (None otherwise); a run dir stands for its last.ckpt."""
-    from lmexp.training.checkpoints import checkpoint_of, load_checkpoint
-
-    if not cfg.get("init_from") or not _fine_tuning(cfg):
+    """The ``init_from`` model of a run (None without one): a run dir (its last.ckpt), a ``.ckpt``, or
+    ``hf:<dir or hub id>``."""
+    if not cfg.get("init_from"):
         return None
-    path = checkpoint_of(cfg.init_from)
-    return Pretrained(path, load_checkpoint(path, key="init_from"))
+    return load_init_from(str(cfg.init_from), Path(str(cfg.paths.cache_dir)).expanduser())
+
+
+def load_init_from(source: str, cache_dir: Path) -> Pretrained:
+    """The pre-trained model ``source`` names (an ``init_from`` value), loaded."""
+    if source.startswith(HF_PREFIX):
+        return _import_hf(source, cache_dir)
+    return _load_run(source, cache_dir)
+
+
+def _load_run(source: str, cache_dir: Path) -> Pretrained:
+    from lmexp.data.tokenizer_store import tokenizer_source
+    from lmexp.training.checkpoints import checkpoint_fingerprint, checkpoint_of, load_checkpoint
+
+    path = checkpoint_of(source)
+    checkpoint = load_checkpoint(path, key="init_from")
+    run = checkpoint["lmexp"]
+    return Pretrained(
+        source=source,
+        model_node=dict(run["config"]["model"]),
+        state_dict=checkpoint["state_dict"],
+        tokenizer_node=dict(run["config"]["tokenizer"]),
+        tokenizer=tokenizer_source(run, cache_dir, key="init_from"),
+        fingerprint=checkpoint_fingerprint(path),
+    )
+
+
+def _import_hf(source: str, cache_dir: Path) -> Pretrained:
+    """A Hugging Face GPT-2, BERT or Llama as lmexp's own kind: its weights through the kind's adapter
+    (lmexp/models/*_hf.py), its tokenizer as it is; every problem one line naming ``init_from``."""
+    from lmexp.data.tokenizer_store import save_hf_tokenizer
+    from lmexp.errors import CheckpointError
+    from lmexp.models.hf import HFModelConfig, fingerprint
+    from lmexp.models.hf_common import from_hf_model
+    from lmexp.models.registry import MODELS
+
+    name = source.removeprefix(HF_PREFIX)
+    try:
+        hf_model = HFModelConfig(name_or_path=name).transformers_model(weights=True, by_architecture=True)
+        family, fields, state_dict = from_hf_model(hf_model)
+        tokenizer_dir = save_hf_tokenizer(name, cache_dir)
+    except (ConfigError, CheckpointError) as error:
+        message = str(error).replace(f"model.name_or_path={name}", f"init_from={source}")
+        raise type(error)(
+            message if message.startswith("init_from") else f"init_from={source}: {message}"
+        ) from None
+    return Pretrained(
+        source=source,
+        model_node={"_target_": MODELS[family].config_class, **fields},
+        state_dict={f"model.{key}": value for key, value in state_dict.items()},
+        tokenizer_node=None,
+        tokenizer={"tokenizer_model": None, "tokenizer_dir": tokenizer_dir},
+        fingerprint=fingerprint(name),
+    )
 
 
 def adopt_pretrained(cfg: DictConfig, pretrained: Pretrained | None) -> DictConfig:
-    """``cfg`` with the pre-trained run's model and tokenizer settings (a copy; ``cfg`` is not changed), so
-    the run's own config, logs and checkpoints describe the model that is really trained."""
+    """``cfg`` with the pre-trained model's settings (a copy; ``cfg`` is not changed), so the run's own
+    config, logs and checkpoints describe the model that is really trained. ``model.lora`` stays the run's."""
     if pretrained is None:
         return cfg
     adopted = copy.deepcopy(cfg)
+    lora = cfg.model.get("lora") if cfg.get("model") is not None else None
     with open_dict(adopted):
-        adopted.model = OmegaConf.create(pretrained.run["config"]["model"])
-        adopted.tokenizer = OmegaConf.create(pretrained.run["config"]["tokenizer"])
+        adopted.model = OmegaConf.create(pretrained.model_node)
+        if lora is not None:
+            adopted.model.lora = copy.deepcopy(lora)
+        if pretrained.tokenizer_node is not None:
+            adopted.tokenizer = OmegaConf.create(pretrained.tokenizer_node)
     return adopted
 
 
-def _fine_tuning(cfg: DictConfig) -> bool:
-    try:
-        return bool(target_class(cfg.task, "task").task_type().fine_tuning)
-    except (ConfigError, AttributeError):
-        return False  # a bad task config is reported with the other problems by load_settings
-
-
 # ------------------------------------------------------------------------------------------------ data
+def model_layout(settings: RunSettings) -> str:
+    """How labelled examples are framed for the run's model: its config's ``layout`` where it depends on
+    the model loaded (model=hf), else its kind's."""
+    return getattr(settings.model, "layout", None) or settings.model_spec.layout
+
+
+def given_tokenizer(settings: RunSettings, cache_dir: Path, pretrained: Pretrained | None) -> dict[str, Any]:
+    """The tokenizer the run is given rather than trains (DataContext's ``tokenizer_model`` /
+    ``tokenizer_dir``): the pre-trained model's, or the model's own (model=hf); a Hugging Face one is checked
+    for the special tokens the task needs, before any data work."""
+    if pretrained is not None:
+        given = dict(pretrained.tokenizer)
+    elif settings.model_spec.own_tokenizer:  # the model's files are read here first: its problems, one line
+        problems = settings.model.task_problems(settings.task_class.name)
+        if problems:
+            raise ConfigError(problems)
+        given = {"tokenizer_model": None, "tokenizer_dir": settings.model.tokenizer_dir(cache_dir)}
+    else:
+        return {}
+    if given["tokenizer_dir"] is not None:
+        from lmexp.data.text_tokenizer import HFTokenizer
+
+        tokenizer = HFTokenizer.load(given["tokenizer_dir"])
+        problems = task_token_problems(tokenizer, settings, pretrained)
+        if problems:
+            raise ConfigError(problems)
+    return given
+
+
+def task_token_problems(tokenizer: Any, settings: RunSettings, pretrained: Pretrained | None) -> list[str]:
+    """What a Hugging Face tokenizer lacks for the run's task, e.g. a mask token for task=mlm, a pad token to
+    pad an encoder's batches; one problem naming the model and the tokens."""
+    task_class, layout = settings.task_class, model_layout(settings)
+    needed: list[str] = []
+    if "[MASK]" in task_class.special_tokens:
+        needed.append("[MASK]")  # masked LM replaces the selected tokens by it
+    if layout == "cls_sep":
+        needed += ["[CLS]", "[SEP]"]  # an encoder's example is [CLS] text [SEP]
+        if task_class.data_format != "blocks":
+            needed.append("[PAD]")  # decoders pad with eos (never attended by real positions, never scored)
+    missing = tokenizer.missing(needed)
+    if not missing:
+        return []
+    where = (
+        f"init_from={pretrained.source}"
+        if pretrained is not None
+        else f"model.name_or_path={settings.model.name_or_path}"
+    )
+    return [
+        f"the tokenizer of {where} has no {' and no '.join(m.removesuffix(' token') for m in missing)} "
+        f"token{'s' if len(missing) > 1 else ''}, which task={task_class.name} needs; expected a tokenizer "
+        f"with {', '.join(missing)}"
+    ]
+
+
 def build_datamodule(
     settings: RunSettings, cache_dir: str | Path, pretrained: Pretrained | None = None, **context: Any
 ) -> Any:
@@ -87,15 +212,16 @@ def build_datamodule(
     tokenizer, for evaluation).
     """
     task_class = settings.task_class
+    cache = Path(str(cache_dir)).expanduser()
     values = {
         "tokenizer": settings.tokenizer.with_task_tokens(
             task_class.special_tokens, task_class.tokenizer_pieces
         ),
-        "cache_dir": Path(str(cache_dir)).expanduser(),
+        "cache_dir": cache,
         "seed": settings.run.seed,
         "example_format": task_class.data_format,
-        "layout": settings.model_spec.layout,
-        "tokenizer_model": pretrained.tokenizer_bytes if pretrained is not None else None,
+        "layout": model_layout(settings),
+        **given_tokenizer(settings, cache, pretrained),
         **task_class.data_options(settings.task),
         **context,
     }
@@ -115,11 +241,39 @@ def sized_model_config(model_config: Any, vocab_size: int) -> Any:
     return model_config
 
 
+def lora_base(settings: RunSettings, pretrained: Pretrained | None) -> dict[str, Any] | None:
+    """What a LoRA run's adapters sit on, recorded in its checkpoints: the ``init_from`` model, or a
+    pre-trained ``model=hf`` model (None when LoRA is off)."""
+    if not settings.model.lora.enabled:
+        return None
+    if pretrained is not None:
+        return {"init_from": pretrained.source, "fingerprint": pretrained.fingerprint}
+    from lmexp.models.hf import fingerprint
+
+    model = settings.model
+    return {
+        "hf": model.name_or_path,
+        "revision": model.revision,
+        "fingerprint": fingerprint(model.name_or_path),
+    }
+
+
+def parameter_counts(task: Any) -> dict[str, int]:
+    """``model/params`` (every distinct parameter, a tied matrix once) and ``model/trainable_params`` (those
+    that train: with LoRA the adapters and a fine-tuning head), for the log and metrics.json."""
+    params = {id(p): p for p in task.model.parameters()}.values()
+    return {
+        "model/params": sum(p.numel() for p in params),
+        "model/trainable_params": sum(p.numel() for p in params if p.requires_grad),
+    }
+
+
 def build_task(
     settings: RunSettings, cfg: DictConfig, datamodule: Any, pretrained: Pretrained | None = None
 ) -> Any:
-    """The task's LightningModule around a fresh model sized to the tokenizer (or the pre-trained one's)."""
-    import torch
+    """The task's LightningModule around a fresh model sized to the tokenizer: the pre-trained weights in
+    (``init_from``), then LoRA adapters (``model.lora``), before the optimizer is made."""
+    from lmexp.data.tokenizer_store import checkpoint_entries
 
     tokenizer = datamodule.tokenizer
     model_config = sized_model_config(settings.model, tokenizer.vocab_size)
@@ -132,24 +286,37 @@ def build_task(
         seed=settings.run.seed,
         sources=list(getattr(datamodule, "source_names", [])),
     )
+    model = model_config.build()
     task = task_class.build(
         settings.task,
-        model_config.build(),
+        model,
         inputs,
         optimizer=settings.optim,
         scheduler=settings.scheduler,
         compile=settings.run.compile,
     )
-    if pretrained is not None:  # fine-tuning: pre-trained backbone, fresh head
-        task.load_pretrained(pretrained.checkpoint["state_dict"])
+    if pretrained is not None:  # the backbone (fine-tuning, fresh head) or the whole model (clm, mlm)
+        task.load_pretrained(pretrained.state_dict)
+    base = lora_base(settings, pretrained)
+    if base is not None:
+        task.apply_lora(model_config.lora)
     task.checkpoint_extras = {
         "config": redact(OmegaConf.to_container(cfg, resolve=True)),
         "model_kind": settings.model_spec.kind,
         "task": task_class.name,
         "model_config": model_config.to_dict(),
-        "tokenizer_model": torch.frombuffer(bytearray(tokenizer.path.read_bytes()), dtype=torch.uint8),
+        **checkpoint_entries(tokenizer),
         **({"labels": list(labels)} if labels is not None else {}),
+        **({"lora_base": base} if base is not None else {}),
+        **({"hf_config": model.hf.config.to_dict()} if hasattr(model, "hf") else {}),
     }
+    task.parameter_counts = parameter_counts(task)
+    log.info(
+        "model: %s parameters, %s trainable%s",
+        f"{task.parameter_counts['model/params']:,}",
+        f"{task.parameter_counts['model/trainable_params']:,}",
+        f" (LoRA r={model_config.lora.r} on {model_config.lora.target})" if base is not None else "",
+    )
     return task
 
 

@@ -244,20 +244,41 @@ def remove_stale_temporaries(checkpoint_dir: Path) -> None:
 
 
 def check_resumable(
-    checkpoint: dict[str, Any], path: Path, model_config: dict[str, Any], tokenizer_bytes: bytes
+    checkpoint: dict[str, Any], path: Path, extras: dict[str, Any], tokenizer_files: dict[str, bytes]
 ) -> None:
-    """Refuse to resume from a checkpoint whose model or tokenizer differs from this run's."""
-    extras = checkpoint.get("lmexp", {})
-    saved = extras.get("model_config")
-    if saved is not None and saved != model_config:
-        changed = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+    """Refuse to resume from a checkpoint whose model, LoRA base or tokenizer differs from this run's.
+
+    ``extras``: this run's ``task.checkpoint_extras``; ``tokenizer_files``: its tokenizer as
+    ``{file name: bytes}`` (lmexp/data/tokenizer_store.py).
+    """
+    from lmexp.data.tokenizer_store import saved_tokenizer
+
+    saved_extras = checkpoint.get("lmexp", {})
+    saved, model_config = saved_extras.get("model_config"), extras["model_config"]
+    # A key the saved config lacks is one lmexp added later (lora): the run that wrote it had its default.
+    changed = sorted(k for k in saved or {} if saved.get(k) != model_config.get(k))
+    if changed:
         details = ", ".join(
             f"model.{k}: {saved.get(k)!r} there, {model_config.get(k)!r} now" for k in changed
         )
         raise CheckpointError(f"ckpt_path={path} was trained with a different model ({details})")
-    saved_tokenizer = extras.get("tokenizer_model")
-    if saved_tokenizer is not None and bytes(saved_tokenizer.numpy().tobytes()) != tokenizer_bytes:
+    if saved_extras.get("lora_base") != extras.get("lora_base"):
+        raise CheckpointError(
+            f"ckpt_path={path} holds LoRA adapters of another base model ({saved_extras.get('lora_base')} "
+            f"there, {extras.get('lora_base')} now); resume with the init_from or model.name_or_path it was "
+            "trained on"
+        )
+    saved_tokenizer_files = saved_tokenizer(saved_extras)
+    if saved_tokenizer_files and saved_tokenizer_files != tokenizer_files:
         raise CheckpointError(
             f"ckpt_path={path} was trained with a different tokenizer than this run's (tokenizer.* or data.* "
             "differ); resume with the config of the run that wrote it"
         )
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """A digest of a checkpoint's contents (a file, or a sharded checkpoint's directory): what a LoRA run
+    records of the ``init_from`` checkpoint its adapters sit on."""
+    from lmexp.cache import files_digest
+
+    return files_digest([Path(path)])

@@ -87,10 +87,11 @@ def _resume_point(path: Path, checkpoint: dict[str, Any]) -> ResumePoint:
     return ResumePoint(path, step, extras.get("wandb_run_id"), checkpoint, checkpoint.get(LOG_ROWS_KEY) or {})
 
 
-def check_fits_run(point: ResumePoint, task: Any, tokenizer_path: Path) -> None:
-    """The checkpoint's model and tokenizer must be this run's; then drop the loaded copy (memory)."""
-    model_config = task.checkpoint_extras["model_config"]
-    check_resumable(point.checkpoint, point.path, model_config, Path(tokenizer_path).read_bytes())
+def check_fits_run(point: ResumePoint, task: Any, tokenizer: Any) -> None:
+    """The checkpoint's model, LoRA base and tokenizer must be this run's; then drop the loaded copy."""
+    from lmexp.data.tokenizer_store import tokenizer_files
+
+    check_resumable(point.checkpoint, point.path, task.checkpoint_extras, tokenizer_files(tokenizer))
     point.checkpoint = {}
 
 

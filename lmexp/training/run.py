@@ -41,7 +41,7 @@ def _train(cfg: DictConfig, extra_callbacks: list[Any] | None) -> dict[str, floa
     from lmexp.training.loggers import close_loggers, wandb_run_id
     from lmexp.training.resume import carry_log_rows, check_fits_run, log_rows_before, resolve_resume
 
-    pretrained = load_pretrained(cfg)  # fine-tuning from a run: its model and tokenizer settings
+    pretrained = load_pretrained(cfg)  # init_from: the pre-trained model's settings, weights and tokenizer
     cfg = adopt_pretrained(cfg, pretrained)
     settings = load_settings(cfg, pretrained)  # every config error, in one line, before any data work
     resume = resolve_resume(cfg)  # ckpt_path, or resume=auto: verified before any data work too
@@ -54,7 +54,7 @@ def _train(cfg: DictConfig, extra_callbacks: list[Any] | None) -> dict[str, floa
     datamodule.prepare()
     task = build_task(settings, cfg, datamodule, pretrained)
     if resume:
-        check_fits_run(resume, task, datamodule.tokenizer.path)
+        check_fits_run(resume, task, datamodule.tokenizer)
     carried_rows = log_rows_before(resume, cfg)  # read before the CSV logger replaces the file
     loggers = build_loggers(cfg, wandb_run_id=resume.wandb_run_id if resume else None)
     if pl.utilities.rank_zero_only.rank == 0:  # other ranks' loggers are placeholders that write nothing
@@ -105,6 +105,8 @@ def collect_metrics(
         if hasattr(callback, "perf_metrics"):
             metrics.update(callback.perf_metrics())
     metrics["perf/global_step"] = float(trainer.global_step)
+    counts = getattr(trainer.lightning_module, "parameter_counts", None) or {}
+    metrics.update({name: float(count) for name, count in counts.items()})
     return dict(sorted(metrics.items()))
 
 

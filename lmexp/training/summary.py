@@ -21,6 +21,7 @@ ROWS = (
     ("test/ppl", "test perplexity", "{:.2f}"),
     ("test/bpb", "test bits per byte", "{:.4f}"),
     ("perf/tokens_per_sec", "training tokens/s", "{:,.0f}"),
+    ("model/trainable_params", "trainable parameters", "{:,.0f}"),
 )
 
 

@@ -23,6 +23,8 @@ NEEDS = {
     ("task", "ner"): ["data=jsonl", *LABELLED],
     ("data", "jsonl"): ["task=classify", *LABELLED],
     ("data", "conll"): ["task=ner", *LABELLED],
+    # Nothing of the model is read while the settings are checked (a typo is reported before any download).
+    ("model", "hf"): ["model.name_or_path=not/read-yet"],
 }
 
 

@@ -99,7 +99,7 @@ def test_bad_settings_and_output_layer_are_config_errors() -> None:
     with pytest.raises(ConfigError) as excinfo:
         apply_lora(gpt(), r=0, alpha=-1, dropout=1.0, target="qkv")
     assert len(excinfo.value.problems) == 4
-    assert "lora.r=0: expected an int >= 1" in str(excinfo.value)
+    assert "lora.r=0: expected a positive integer" in str(excinfo.value)
     with pytest.raises(ConfigError, match="matches the output layer lm_head"):
         apply_lora(gpt(), r=4, alpha=8, dropout=0.0, target=["lm_head"])
     bert = BERTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB).build()

@@ -34,10 +34,22 @@ def test_unknown_config_class_is_one_line():
         spec_for_target("my.Model")
 
 
+def hf_sizes(directory: Path) -> dict:
+    """model=hf: a tiny Llama's config.json alone (fresh weights: model.pretrained=false)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, hidden_size=16,
+        intermediate_size=32, max_position_embeddings=16, vocab_size=50,
+    ).save_pretrained(directory)  # fmt: skip
+    return dict(name_or_path=str(directory), pretrained=False)
+
+
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_backbone_contract(kind):
+def test_backbone_contract(kind, tmp_path):
     spec = MODELS[kind]
-    config = spec.config_type()(vocab_size=50, **SIZES[kind])
+    sizes = hf_sizes(tmp_path) if kind == "hf" else SIZES[kind]
+    config = spec.config_type()(vocab_size=50, **sizes)
     assert spec_for(config) is spec
     model = config.build().eval()
     ids = torch.randint(4, 50, (2, 7))
