@@ -17,7 +17,11 @@ def cross_group_problems(settings: Any, pretrained: Any = None) -> list[str]:
     problems = task_problems(settings, task_class, pretrained)
     if problems:  # the rest assumes the task, model and data belong together
         return problems
-    return sequence_problems(settings, task_class, pretrained) + pretrained_problems(settings, pretrained)
+    return (
+        sequence_problems(settings, task_class, pretrained)
+        + pretrained_problems(settings, pretrained)
+        + callback_problems(settings, task_class)
+    )
 
 
 def task_problems(settings: Any, task_class: Any, pretrained: Any) -> list[str]:
@@ -38,8 +42,8 @@ def task_problems(settings: Any, task_class: Any, pretrained: Any) -> list[str]:
         return settings.data.training_problems()
     if settings.run.init_from and not task_class.fine_tuning:
         return [
-            f"init_from={settings.run.init_from}: only fine-tuning tasks (task=classify, task=ner) start "
-            "from pre-trained weights; to continue a run, use ckpt_path"
+            f"init_from={settings.run.init_from}: only fine-tuning tasks (task=classify, ner, qa, sft) "
+            "start from pre-trained weights; to continue a run, use ckpt_path"
         ]
     return []
 
@@ -76,3 +80,37 @@ def pretrained_problems(settings: Any, pretrained: Any) -> list[str]:
             f"{settings.model_spec.kind} classifier needs"
         ]
     return []
+
+
+def monitorable(settings: Any, task_class: Any) -> list[str]:
+    """The metric names a callback can monitor in this run: ``val/<m>`` of each metric the task logs, and
+    ``train/loss``."""
+    return [f"val/{name}" for name in task_class.logged_metrics(settings.task)] + ["train/loss"]
+
+
+def callback_problems(settings: Any, task_class: Any) -> list[str]:
+    """Callbacks that cannot work in this run: a monitor on a metric the task never logs, the harness on
+    a model that is no language model, weight averaging of sharded weights."""
+    problems = []
+    task = choice("task", task_class.name)
+    known = monitorable(settings, task_class)
+    for name, node in settings.callbacks.items():
+        monitor = node.get("monitor")
+        if monitor is not None and monitor not in known:
+            problems.append(
+                f"callbacks.{name}.monitor={monitor}: task={task} never logs it; it logs {', '.join(known)}"
+            )
+    harness = settings.callbacks.get("harness", {})
+    if harness.get("tasks") and not task_class.language_model:
+        problems.append(
+            f"callbacks.harness.tasks: lm-evaluation-harness scores causal language models; task={task} "
+            "trains none (set callbacks.harness.tasks=null)"
+        )
+    sharded = settings.trainer.strategy_name == "FSDP2Strategy"
+    averaging = [name for name, node in settings.callbacks.items() if "WeightAveraging" in node["_target_"]]
+    if sharded and averaging:
+        problems.append(
+            f"callbacks.{averaging[0]}: weight averaging keeps a whole copy of the model, which trainer=fsdp "
+            "shards; use it with trainer=ddp"
+        )
+    return problems

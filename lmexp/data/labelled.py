@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -29,7 +30,7 @@ from lmexp.config.schema import at_least, positive
 from lmexp.data.context import DataConfig, DataContext
 from lmexp.data.packing import IGNORE_INDEX
 from lmexp.data.sampling import ShardedLoaders
-from lmexp.data.tokenizer import MODEL_FILE, Tokenizer, train_or_load_tokenizer
+from lmexp.data.tokenizer import MODEL_FILE, Tokenizer, TokenizerConfig, train_or_load_tokenizer
 from lmexp.errors import ConfigError, DataError
 
 EXAMPLE_FORMATS = ("classify", "ner")
@@ -330,15 +331,15 @@ class LabelledData(ShardedLoaders, LightningDataModule):
                 )
 
     def _tokenizer(self) -> Tokenizer:
-        threads = self.tokenizer_config.resolved_threads()
-        if self.tokenizer_model is not None:
-            return Tokenizer.load(cache_tokenizer_model(self.tokenizer_model, self.cache_dir), threads)
-        if "train" not in self.records:
-            raise ConfigError("data.train_path is not set: a tokenizer is trained on the training split")
-        train = self.records["train"]
-        documents = [r.text if self.example_format == "classify" else " ".join(r.tokens) for r in train]
-        corpus_key = f"labelled:{self.example_format}:" + files_digest([Path(str(self.paths["train"]))])
-        return train_or_load_tokenizer(documents, corpus_key, self.tokenizer_config, self.cache_dir)
+        train = self.records.get("train", [])
+        return fine_tuning_tokenizer(
+            self.tokenizer_model,
+            self.tokenizer_config,
+            self.cache_dir,
+            self.paths["train"],
+            f"labelled:{self.example_format}",
+            lambda: [r.text if self.example_format == "classify" else " ".join(r.tokens) for r in train],
+        )
 
     # ----------------------------------------------------------------------------------- encode
     def _frame(self) -> tuple[list[int], list[int]]:
@@ -411,6 +412,26 @@ def align_word_labels(
         ids.extend(pieces)
         labels.extend([label] + [IGNORE_INDEX] * (len(pieces) - 1))
     return ids, labels
+
+
+def fine_tuning_tokenizer(
+    model_bytes: bytes | None,
+    config: TokenizerConfig,
+    cache_dir: Path,
+    train_path: str | None,
+    kind: str,
+    documents: Callable[[], list[str]],
+) -> Tokenizer:
+    """The tokenizer of a fine-tuning data module: the pre-trained run's (``model_bytes``, from init_from or
+    a checkpoint) when given, else one trained on ``documents()`` (the training split's texts), cached by
+    ``kind`` and the training file's content."""
+    threads = config.resolved_threads()
+    if model_bytes is not None:
+        return Tokenizer.load(cache_tokenizer_model(model_bytes, cache_dir), threads)
+    if not train_path:
+        raise ConfigError("data.train_path is not set: a tokenizer is trained on the training split")
+    corpus_key = f"{kind}:" + files_digest([Path(str(train_path)).expanduser()])
+    return train_or_load_tokenizer(documents(), corpus_key, config, cache_dir)
 
 
 def cache_tokenizer_model(model_bytes: bytes, cache_dir: Path) -> Path:

@@ -82,6 +82,12 @@ class Task(LightningModule):
     """What to tell a user whose ``data`` does not give this task's examples (after ``task=<name>``)."""
     min_block_size: ClassVar[int] = 1
     """The shortest ``data.block_size`` the task can use."""
+    metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    """The metrics it logs for the val and test splits (``val/<name>``): what early stopping and the best
+    checkpoint can monitor (lmexp/config/checks.py). Train rows have ``train/loss`` at least."""
+    language_model: ClassVar[bool] = False
+    """Its model is a whole causal LM (next-token logits, ``start_generation``), so generation and
+    lm-evaluation-harness can run on it."""
 
     def __init__(
         self,
@@ -114,6 +120,11 @@ class Task(LightningModule):
     def data_options(cls, config: TaskConfig) -> dict[str, Any]:
         """Settings of this task that the data module needs (``DataContext`` fields, e.g. masked LM's nsp)."""
         return {}
+
+    @classmethod
+    def logged_metrics(cls, config: TaskConfig) -> tuple[str, ...]:
+        """:attr:`metrics` under ``config`` (a task whose settings add or drop metrics overrides this)."""
+        return cls.metrics
 
     def load_pretrained(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Fine-tuning tasks: load a pre-trained run's weights into the backbone (``init_from``)."""
@@ -230,6 +241,26 @@ class Task(LightningModule):
                     setattr(metric, key, [saved.to(metric.device)])
                 else:
                     setattr(metric, key, saved.to(current.device, current.dtype))
+
+
+def load_backbone_weights(backbone: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a pre-trained (or fine-tuned) run's weights into ``backbone`` (``init_from``).
+
+    Names are matched without the task prefixes (``model.``, ``_orig_mod.``, ``backbone.``), so a
+    pre-training checkpoint and a fine-tuning one both work. Weights the checkpoint has and the backbone
+    does not (an LM, NSP or classification head) are skipped; every weight of the backbone must be there.
+    """
+    from lmexp.errors import CheckpointError
+
+    weights = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("model.").removeprefix("_orig_mod.")
+        weights[name.removeprefix("backbone.")] = value
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise CheckpointError(f"init_from: the checkpoint lacks backbone weights {missing[:3]}")
+    backbone.load_state_dict({k: weights[k] for k in own})
 
 
 def _numpy_state_to_plain(state: tuple) -> list:

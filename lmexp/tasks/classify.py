@@ -24,8 +24,7 @@ from torchmetrics.classification import (
 )
 
 from lmexp.config.schema import between
-from lmexp.errors import CheckpointError
-from lmexp.tasks.base import Task, TaskConfig, TaskInputs
+from lmexp.tasks.base import Task, TaskConfig, TaskInputs, load_backbone_weights
 from lmexp.tasks.metrics import IGNORE_INDEX
 
 
@@ -118,6 +117,7 @@ class SequenceClassificationTask(Task):
     fine_tuning = True
     special_tokens = ("[CLS]", "[SEP]")
     data_hint = "reads labelled examples: add data=jsonl with data.train_path and data.val_path"
+    metrics = ("loss", "acc", "f1", "precision", "recall")
 
     def __init__(self, *args: Any, labels: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -136,21 +136,9 @@ class SequenceClassificationTask(Task):
         return SequenceClassifier(backbone, len(self.labels), dropout)
 
     def load_pretrained(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load pre-trained weights (a pre-training or fine-tuning checkpoint's) into the backbone.
-
-        Heads the checkpoint has and this model does not (LM, NSP, an earlier classifier) are skipped;
-        every backbone weight must be in the checkpoint.
-        """
-        weights = {}
-        for key, value in state_dict.items():
-            name = key.removeprefix("model.").removeprefix("_orig_mod.")
-            weights[name.removeprefix("backbone.")] = value
-        backbone = self.model.backbone
-        own = backbone.state_dict()
-        missing = sorted(set(own) - set(weights))
-        if missing:
-            raise CheckpointError(f"init_from: the checkpoint lacks backbone weights {missing[:3]}")
-        backbone.load_state_dict({k: weights[k] for k in own})
+        """Load pre-trained weights (a pre-training or fine-tuning checkpoint's) into the backbone; heads
+        the checkpoint has and this model does not (LM, NSP, an earlier classifier) are skipped."""
+        load_backbone_weights(self.model.backbone, state_dict)
 
     # ----------------------------------------------------------------------------------------- steps
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:

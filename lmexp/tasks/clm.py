@@ -33,6 +33,8 @@ class CausalLMTask(Task):
 
     name = "clm"
     data_format = "blocks"
+    metrics = ("loss", "ppl", "acc", "bpw")
+    language_model = True
 
     def __init__(
         self, *args: Any, vocab_size: int | None = None, bpw_floor: float | None = None, **kwargs: Any

@@ -21,6 +21,10 @@ NEEDS = {
     ("task", "ner"): ["data=jsonl", *LABELLED],
     ("data", "jsonl"): ["task=classify", *LABELLED],
     ("data", "conll"): ["task=ner", *LABELLED],
+    ("task", "qa"): ["model=bert", "data=squad", *LABELLED],
+    ("data", "squad"): ["model=bert", "task=qa", *LABELLED],
+    ("task", "sft"): ["data=sft", *LABELLED],
+    ("data", "sft"): ["task=sft", *LABELLED],
 }
 
 
