@@ -1,9 +1,10 @@
 """``python -m lmexp.export ckpt_path=<.ckpt> out=<dir>``: a Hugging Face transformers model directory.
 
-gpt (task=clm) becomes ``GPT2LMHeadModel``; llama ``LlamaForCausalLM``; bert ``BertForMaskedLM``
-(pre-trained), ``BertForSequenceClassification`` (task=classify) or ``BertForTokenClassification``
-(task=ner). Each model kind's adapter (lmexp/models/<kind>_hf.py, named in the model registry) renames the
-weights, transposes GPT-2's Conv1D matrices, splits BERT's fused qkv and drops the padded vocabulary rows.
+gpt (task=clm or sft) becomes ``GPT2LMHeadModel``; llama ``LlamaForCausalLM``; bert ``BertForMaskedLM``
+(pre-trained), ``BertForSequenceClassification`` (task=classify), ``BertForTokenClassification``
+(task=ner) or ``BertForQuestionAnswering`` (task=qa). Each model kind's adapter (lmexp/models/<kind>_hf.py,
+named in the model registry) renames the weights, transposes GPT-2's Conv1D matrices, splits BERT's fused
+qkv and drops the padded vocabulary rows.
 The tokenizer is the run's sentencepiece model rebuilt as a ``tokenizers`` tokenizer (same normalizer,
 pieces, byte fallback and special tokens), so ``AutoTokenizer.from_pretrained(out)`` gives lmexp's ids.
 The exported model's logits are compared with lmexp's before the directory is put in place.
@@ -144,16 +145,22 @@ def hf_model(run: Any, cfg: DictConfig) -> Any:
         task.model.state_dict(),
         run.tokenizer.vocab_size,
         special_ids(run.tokenizer, spec.layout),
-        task=task.name,
+        task=hf_task(task),
         labels=run.labels,
     )
+
+
+def hf_task(task: Any) -> str:
+    """The adapter's task (``HF_CLASSES`` key) of an lmexp task: a fine-tuned causal LM (sft) is still a
+    causal LM (``...ForCausalLM``); the others export under their own name."""
+    return "clm" if task.language_model else task.name
 
 
 # -------------------------------------------------------------------------------------------- parity
 def lmexp_logits(task: Any, input_ids: Any, attention_mask: Any) -> Any:
     """lmexp's logits for ``input_ids`` (B, T), the padded vocabulary rows dropped."""
-    vocab = task.train_metrics.vocab_size if task.name in ("clm", "mlm") else None
-    if task.name == "clm":
+    vocab = task.train_metrics.vocab_size if task.name == "mlm" or task.language_model else None
+    if task.language_model:
         return task.model(input_ids)[..., :vocab]  # (B, T, V)
     if task.name == "mlm":
         return task.model(input_ids, None, attention_mask)[0][..., :vocab]  # (B, T, V)
@@ -177,7 +184,11 @@ def check_parity(task: Any, hf_model: Any, tokenizer: Any, texts: list[str], ber
         input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
     with torch.no_grad():
         ours = lmexp_logits(task, input_ids, mask)
-        theirs = hf_model(input_ids=input_ids, attention_mask=mask).logits
+        output = hf_model(input_ids=input_ids, attention_mask=mask)
+        if hasattr(output, "start_logits"):  # ...ForQuestionAnswering: lmexp's (B, T, 2) is start, end
+            theirs = torch.stack([output.start_logits, output.end_logits], dim=-1)  # (B, T, 2)
+        else:
+            theirs = output.logits
     if ours.dim() == 3:  # compare real positions only
         real = mask.bool()
         ours, theirs = ours[real], theirs[real]
