@@ -90,7 +90,7 @@ def monitorable(settings: Any, task_class: Any) -> list[str]:
 
 def callback_problems(settings: Any, task_class: Any) -> list[str]:
     """Callbacks that cannot work in this run: a monitor on a metric the task never logs, the harness on
-    a model that is no language model, weight averaging of sharded weights."""
+    a model that is no language model, an EMA decay outside (0, 1), weight averaging of sharded weights."""
     problems = []
     task = choice("task", task_class.name)
     known = monitorable(settings, task_class)
@@ -106,6 +106,12 @@ def callback_problems(settings: Any, task_class: Any) -> list[str]:
             f"callbacks.harness.tasks: lm-evaluation-harness scores causal language models; task={task} "
             "trains none (set callbacks.harness.tasks=null)"
         )
+    for name, node in settings.callbacks.items():
+        decay = node.get("decay", 0.5) if node["_target_"].endswith("EMAWeightAveraging") else 0.5
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay < 1:
+            problems.append(
+                f"callbacks.{name}.decay={decay!r}: expected a number between 0 and 1 (e.g. 0.999)"
+            )
     sharded = settings.trainer.strategy_name == "FSDP2Strategy"
     averaging = [name for name, node in settings.callbacks.items() if "WeightAveraging" in node["_target_"]]
     if sharded and averaging:
