@@ -16,7 +16,10 @@ ROWS = (
     ("val/nsp_acc", "val next-sentence accuracy", "{:.2%}"),
     ("val/bpw", "val bits per word", "{:.3f}"),
     ("val/bpw_floor", "floor (corpus entropy)", "{:.3f}"),
+    ("val/exact_match", "val exact match (SQuAD)", "{:.2%}"),
+    ("val/f1", "val F1", "{:.4f}"),
     ("test/loss", "test loss", "{:.4f}"),
+    ("test/exact_match", "test exact match (SQuAD)", "{:.2%}"),
     ("test/ppl", "test perplexity", "{:.2f}"),
     ("perf/tokens_per_sec", "training tokens/s", "{:,.0f}"),
 )

