@@ -18,7 +18,8 @@ Writes into its run dir ``metrics.json`` (``test/...`` keys) and ``predictions.j
 Every metric can be recomputed from predictions.jsonl (the qa loss aside). With ``harness.tasks=[...]``
 (:class:`EvalHarnessConfig`) lm-evaluation-harness scores the checkpoint's causal LM, or a local Hugging
 Face model, instead: ``harness/<task>/<metric>`` in metrics.json, no predictions. Data keys override the
-checkpoint's, e.g. ``data.test_path=other.jsonl``. Heavy imports happen inside the functions, so ``--help`` is instant.
+checkpoint's, e.g. ``data.test_path=other.jsonl``. Heavy imports happen inside the functions, so ``--help``
+is instant.
 """
 
 from __future__ import annotations
