@@ -24,6 +24,7 @@ def cross_group_problems(settings: Any, pretrained: Any = None) -> list[str]:
         + document_mask_problems(settings, task_class)
         + lora_problems(settings, pretrained)
         + own_model_problems(settings)
+        + callback_problems(settings, task_class)
     )
 
 
@@ -173,3 +174,43 @@ def own_model_problems(settings: Any) -> list[str]:
             "next-sentence head); set task.nsp=false"
         ]
     return []
+
+
+def monitorable(settings: Any, task_class: Any) -> list[str]:
+    """The metric names a callback can monitor in this run: ``val/<m>`` of each metric the task logs, and
+    ``train/loss``."""
+    return [f"val/{name}" for name in task_class.logged_metrics(settings.task)] + ["train/loss"]
+
+
+def callback_problems(settings: Any, task_class: Any) -> list[str]:
+    """Callbacks that cannot work in this run: a monitor on a metric the task never logs, the harness on
+    a model that is no language model, an EMA decay outside (0, 1), weight averaging of sharded weights."""
+    problems = []
+    task = choice("task", task_class.name)
+    known = monitorable(settings, task_class)
+    for name, node in settings.callbacks.items():
+        monitor = node.get("monitor")
+        if monitor is not None and monitor not in known:
+            problems.append(
+                f"callbacks.{name}.monitor={monitor}: task={task} never logs it; it logs {', '.join(known)}"
+            )
+    harness = settings.callbacks.get("harness", {})
+    if harness.get("tasks") and not task_class.language_model:
+        problems.append(
+            f"callbacks.harness.tasks: lm-evaluation-harness scores causal language models; task={task} "
+            "trains none (set callbacks.harness.tasks=null)"
+        )
+    for name, node in settings.callbacks.items():
+        decay = node.get("decay", 0.5) if node["_target_"].endswith("EMAWeightAveraging") else 0.5
+        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay < 1:
+            problems.append(
+                f"callbacks.{name}.decay={decay!r}: expected a number between 0 and 1 (e.g. 0.999)"
+            )
+    sharded = settings.trainer.strategy_name == "FSDP2Strategy"
+    averaging = [name for name, node in settings.callbacks.items() if "WeightAveraging" in node["_target_"]]
+    if sharded and averaging:
+        problems.append(
+            f"callbacks.{averaging[0]}: weight averaging keeps a whole copy of the model, which trainer=fsdp "
+            "shards; use it with trainer=ddp"
+        )
+    return problems

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from dataclasses import field as dataclasses_field
 from typing import Any, ClassVar, Literal
 
 from omegaconf import DictConfig
 
-from lmexp.config.schema import Schema, collect, listed, parse, plain, plain_name
+from lmexp.config.schema import Schema, collect, listed, parse, plain, plain_name, signature_problems
 from lmexp.errors import ConfigError
 
 
@@ -83,6 +84,9 @@ class RunSettings:
     """:class:`lmexp.tasks.schedules.ScheduleConfig`, or None (constant learning rate)."""
     trainer: Any
     """:class:`lmexp.training.trainer.TrainerConfig`."""
+    callbacks: dict[str, dict[str, Any]] = dataclasses_field(default_factory=dict)
+    """The ``callbacks`` group: each callback's node (``_target_`` and its arguments), by name; the off
+    (null) ones left out."""
 
     @property
     def model_spec(self) -> Any:
@@ -115,6 +119,23 @@ def group(cfg: DictConfig, key: str, **extra: Any) -> Any:
     return parse(target_class(node, key), node, key, **extra)
 
 
+def callback_nodes(cfg: DictConfig, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """The ``callbacks`` group's nodes by name (null ones are off), each checked against the signature of
+    the class it instantiates (Lightning's callbacks and lmexp's); problems are appended to ``problems``."""
+    nodes = {}
+    for name in cfg.get("callbacks") or {}:
+        node = collect(problems, lambda name=name: plain(cfg.callbacks[name]))
+        if not node:
+            continue
+        key = f"callbacks.{name}"
+        if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
+            problems.append(f"{key}={node!r}: expected a node with the _target_ of a callback class, or null")
+            continue
+        problems.extend(signature_problems(node["_target_"], node, key))
+        nodes[str(name)] = node
+    return nodes
+
+
 def load_settings(cfg: DictConfig, pretrained: Any = None) -> RunSettings:
     """Every group of ``cfg`` parsed and checked; one ConfigError listing all problems.
 
@@ -132,9 +153,10 @@ def load_settings(cfg: DictConfig, pretrained: Any = None) -> RunSettings:
         for name in ("model", "task", "data", "tokenizer", "optim", "trainer")
     }
     scheduler = collect(problems, lambda: group(cfg, "scheduler")) if cfg.get("scheduler") else None
+    callbacks = callback_nodes(cfg, problems)
     if problems:
         raise ConfigError(problems)
-    settings = RunSettings(run=run, scheduler=scheduler, **parts)
+    settings = RunSettings(run=run, scheduler=scheduler, callbacks=callbacks, **parts)
     problems = cross_group_problems(settings, pretrained)
     if problems:
         raise ConfigError(problems)

@@ -15,6 +15,7 @@ others are ignored (label -100) in the loss and the metrics.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -28,7 +29,7 @@ from lmexp.config.schema import at_least, positive
 from lmexp.data.context import DataConfig, DataContext
 from lmexp.data.packing import IGNORE_INDEX
 from lmexp.data.sampling import ShardedLoaders
-from lmexp.data.tokenizer import Tokenizer, train_or_load_tokenizer
+from lmexp.data.tokenizer import Tokenizer, TokenizerConfig, train_or_load_tokenizer
 from lmexp.errors import ConfigError, DataError
 
 EXAMPLE_FORMATS = ("classify", "ner")
@@ -329,15 +330,15 @@ class LabelledData(ShardedLoaders, LightningDataModule):
                 )
 
     def _tokenizer(self) -> Tokenizer:
-        given = self.given_tokenizer()
-        if given is not None:
-            return given
-        if "train" not in self.records:
-            raise ConfigError("data.train_path is not set: a tokenizer is trained on the training split")
-        train = self.records["train"]
-        documents = [r.text if self.example_format == "classify" else " ".join(r.tokens) for r in train]
-        corpus_key = f"labelled:{self.example_format}:" + files_digest([Path(str(self.paths["train"]))])
-        return train_or_load_tokenizer(documents, corpus_key, self.tokenizer_config, self.cache_dir)
+        train = self.records.get("train", [])
+        return fine_tuning_tokenizer(
+            self.given_tokenizer(),
+            self.tokenizer_config,
+            self.cache_dir,
+            self.paths.get("train"),
+            f"labelled:{self.example_format}",
+            lambda: [r.text if self.example_format == "classify" else " ".join(r.tokens) for r in train],
+        )
 
     # ----------------------------------------------------------------------------------- encode
     def _frame(self) -> tuple[list[int], list[int]]:
@@ -402,3 +403,23 @@ def align_word_labels(
         ids.extend(pieces)
         labels.extend([label] + [IGNORE_INDEX] * (len(pieces) - 1))
     return ids, labels
+
+
+def fine_tuning_tokenizer(
+    given: Any,
+    config: TokenizerConfig,
+    cache_dir: Path,
+    train_path: str | None,
+    kind: str,
+    documents: Callable[[], list[str]],
+) -> Any:
+    """The tokenizer of a fine-tuning data module: ``given`` when the run has one (a pre-trained run's or a
+    checkpoint's, the model's own with model=hf: ``DataContext.given_tokenizer()``), else a sentencepiece
+    tokenizer trained on ``documents()`` (the training split's texts), cached by ``kind`` and the training
+    file's content."""
+    if given is not None:
+        return given
+    if not train_path:
+        raise ConfigError("data.train_path is not set: a tokenizer is trained on the training split")
+    corpus_key = f"{kind}:" + files_digest([Path(str(train_path)).expanduser()])
+    return train_or_load_tokenizer(documents(), corpus_key, config, cache_dir)

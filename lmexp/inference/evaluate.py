@@ -5,14 +5,23 @@ Writes into its run dir ``metrics.json`` (``test/...`` keys) and ``predictions.j
 - ``task=classify``: one row per example, ``{"text", "label", "pred"}``;
 - ``task=ner``: one row per sentence, ``{"tokens", "tags", "pred"}`` with one predicted tag per word
   (``null`` for words past ``data.block_size`` sub-tokens, which are not predicted and not scored);
+- ``task=qa``: one row per question, ``{"id", "question", "answers", "pred"}`` (``answers``: the gold
+  texts, empty for an unanswerable one; ``pred`` "" = no answer); ``test/exact_match`` and ``test/f1`` are
+  recomputed from these rows with the official SQuAD normalisation (:func:`qa_metrics`);
+- ``task=sft``: one row per test example, ``{"prompt", "reference", "pred", "exact_match", "rougeL",
+  "chrf", "bleu"}``: the completion generated greedily after the prompt (a chat's last assistant turn
+  after the turns before it), scored with :func:`lmexp.tasks.generation_metrics.generation_metrics`;
 - ``task=clm`` (gpt, llama, lstm): one row per document, ``{"n_tokens", "nll", "n_correct", "n_words",
   "n_bytes"}``. Each document of the test split (as tokenized by the data engine, lmexp/data/) is scored
   on its own from its start (``[eos] doc``, predicting every token and the closing eos, in windows of
   ``data.block_size``), so ``test/loss`` = sum of ``nll`` / sum of ``n_tokens`` and ``test/bpb`` = sum
   of ``nll`` / ln 2 / sum of ``n_bytes`` (the UTF-8 bytes of the document's text).
 
-Every metric can be recomputed from predictions.jsonl. Data keys override the checkpoint's, e.g.
-``data.test_path=other.jsonl``. Heavy imports happen inside the functions, so ``--help`` is instant.
+Every metric can be recomputed from predictions.jsonl (the qa loss aside). With ``harness.tasks=[...]``
+(:class:`EvalHarnessConfig`) lm-evaluation-harness scores the checkpoint's causal LM, or a local Hugging
+Face model, instead: ``harness/<task>/<metric>`` in metrics.json, no predictions. Data keys override the
+checkpoint's, e.g. ``data.test_path=other.jsonl``. Heavy imports happen inside the functions, so ``--help``
+is instant.
 """
 
 from __future__ import annotations
@@ -20,13 +29,42 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lmexp.config.schema import Schema, at_least, positive
 from lmexp.errors import ConfigError
 from lmexp.inference.restore import RestoredRun, require, restore_run
+
+
+@dataclass
+class EvalHarnessConfig(Schema):
+    """``harness`` in conf/eval.yaml: lm-evaluation-harness tasks instead of the test split."""
+
+    tasks: list[str] | None = None
+    """lm-eval task names (or those defined under include_path); null: score the test split instead."""
+    include_path: str | None = None
+    """A directory of task YAML files: local tasks over local data files."""
+    limit: float | None = None
+    """Examples per task (a fraction of each task when below 1); null: all."""
+    num_fewshot: int | None = None
+    """Few-shot examples in each prompt; null: each task's own setting."""
+    batch_size: int = positive(8)
+    """Sequences per forward pass."""
+    max_length: int | None = None
+    """The longest context in tokens; null: the checkpoint's data.block_size (or the HF model's)."""
+    hf_model: str | None = None
+    """A local Hugging Face causal LM directory to score instead of ckpt_path (e.g. an lmexp export)."""
+    seed: int = at_least(0, 0)
+    """Seed of few-shot sampling and of generation."""
+
+    def problems(self) -> list[str]:
+        if self.tasks is not None and not self.tasks:
+            return ["harness.tasks=[]: expected task names, e.g. harness.tasks=[hellaswag], or null"]
+        return []
 
 
 def _data_overrides(cfg: DictConfig) -> dict[str, Any]:
@@ -35,18 +73,14 @@ def _data_overrides(cfg: DictConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- labelled
-def evaluate_labelled(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
-    """Test metrics of a classify/ner checkpoint (Lightning test loop) and one prediction row per example."""
-    import lightning.pytorch as pl
-
+def _test_datamodule(run: RestoredRun, cfg: DictConfig) -> Any:
+    """The checkpoint's data module over its test split only, with the checkpoint's tokenizer and labels."""
     from lmexp.data.context import DataContext
     from lmexp.data.tokenizer_store import as_given
-    from lmexp.training.run import quiet_lightning
 
-    quiet_lightning()
     data = run.group("data", **_data_overrides(cfg))
     if not data.test_path:
-        raise ConfigError("data.test_path is not set: expected the labelled file to evaluate on")
+        raise ConfigError("data.test_path is not set: expected the file of examples to evaluate on")
     data.train_path = data.val_path = None
     context = DataContext(
         tokenizer=run.group("tokenizer"),
@@ -56,7 +90,16 @@ def evaluate_labelled(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, floa
         labels=run.labels,
         **as_given(run.tokenizer),
     )
-    datamodule = data.build(context)
+    return data.build(context)
+
+
+def _test_loop(run: RestoredRun, cfg: DictConfig, datamodule: Any) -> dict[str, float]:
+    """The task's own test metrics over ``datamodule`` (Lightning's test loop, one device)."""
+    import lightning.pytorch as pl
+
+    from lmexp.training.run import quiet_lightning
+
+    quiet_lightning()
     trainer = pl.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
@@ -66,9 +109,15 @@ def evaluate_labelled(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, floa
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    run.task.predictions = []
     results = trainer.test(run.task, datamodule=datamodule, verbose=False)[0]
-    metrics = {key: float(value) for key, value in results.items() if key.startswith("test/")}
+    return {key: float(value) for key, value in results.items() if key.startswith("test/")}
+
+
+def evaluate_labelled(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
+    """Test metrics of a classify/ner checkpoint (Lightning test loop) and one prediction row per example."""
+    datamodule = _test_datamodule(run, cfg)
+    run.task.predictions = []
+    metrics = _test_loop(run, cfg, datamodule)
     return dict(sorted(metrics.items())), _labelled_rows(run, datamodule)
 
 
@@ -85,6 +134,74 @@ def _labelled_rows(run: RestoredRun, datamodule: Any) -> list[dict]:
             pred = tags + [None] * (len(record.tokens) - len(tags))
             rows.append({"tokens": record.tokens, "tags": record.tags, "pred": pred})
     return rows
+
+
+# ------------------------------------------------------------------------------------------- qa
+def evaluate_qa(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
+    """A qa checkpoint's answers to the test questions; exact match and F1 recomputed from the rows."""
+    datamodule = _test_datamodule(run, cfg)
+    loop = _test_loop(run, cfg, datamodule)
+    examples, _ = datamodule.qa_split("test")
+    predicted = run.task.predictions
+    rows = [
+        {
+            "id": example.id,
+            "question": example.question,
+            "answers": list(example.gold_texts),
+            "pred": predicted[example.id].text if example.id in predicted else "",
+        }
+        for example in examples
+    ]
+    return {"test/loss": loop["test/loss"], **qa_metrics(rows)}, rows
+
+
+def qa_metrics(rows: list[dict]) -> dict[str, float]:
+    """``test/exact_match`` and ``test/f1`` (fractions, official SQuAD) of predictions.jsonl rows."""
+    from lmexp.tasks.squad_metrics import squad_scores
+
+    scores = squad_scores({r["id"]: r["pred"] for r in rows}, {r["id"]: r["answers"] for r in rows})
+    return {f"test/{name}": float(value) for name, value in sorted(scores.items())}
+
+
+# ------------------------------------------------------------------------------------------- sft
+def evaluate_sft(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
+    """Greedy completions of an sft checkpoint for the test rows, scored against their references."""
+    import torch
+
+    from lmexp.data.sft import chat_prompt_ids
+    from lmexp.inference.harness import Sampling, kv_cache_generate
+    from lmexp.tasks.generation_metrics import generation_metrics
+
+    datamodule = _test_datamodule(run, cfg)
+    datamodule.prepare(pack=False)
+    tokenizer, model = run.tokenizer, run.task.model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    generate = kv_cache_generate(model, tokenizer.vocab_size, tokenizer.eos_id)
+    greedy = Sampling(temperature=0.0)
+    limit = min(datamodule.block_size, model.config.max_seq_len)
+    max_new = int(cfg.generation.max_new_tokens)
+    prompts, references, texts = [], [], []
+    for record in datamodule.records["test"]:
+        if record.messages is None:
+            ids = [*datamodule.start_ids, *tokenizer.encode([record.prompt])[0]]
+            prompt_text, reference = record.prompt, record.completion
+        else:
+            last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
+            ids = chat_prompt_ids(record.messages[:last], tokenizer, datamodule.start_ids)
+            prompt_text = record.messages[last - 1]["content"]
+            reference = record.messages[last]["content"]
+        ids = ids[-(limit - 1) :]  # the model sees at most its context; keep the prompt's end
+        new = generate(ids, max(1, min(max_new, limit - len(ids))), greedy, lambda _: False)
+        prompts.append(prompt_text)
+        references.append(reference)
+        texts.append(tokenizer.decode(new).strip())
+    corpus, scores = generation_metrics(texts, references)
+    rows = [
+        {"prompt": p, "reference": r, "pred": t, **row}
+        for p, r, t, row in zip(prompts, references, texts, scores, strict=True)
+    ]
+    return {f"test/{name}": value for name, value in sorted(corpus.items())}, rows
 
 
 # ------------------------------------------------------------------------------------ language model
@@ -122,6 +239,7 @@ def _test_streams(run: RestoredRun, cfg: DictConfig, overrides: dict[str, Any]) 
     from lmexp.data.context import DataContext
     from lmexp.data.prepare import prepare_source
     from lmexp.data.sources import SourceSpec
+    from lmexp.data.tokenizer_store import as_given
 
     cache_dir = Path(str(cfg.paths.cache_dir)).expanduser()
     data = run.group("data", **overrides)
@@ -131,7 +249,7 @@ def _test_streams(run: RestoredRun, cfg: DictConfig, overrides: dict[str, Any]) 
             path_key="data.test_path",
         )  # fmt: skip
         return [prepare_source(spec, run.tokenizer.path, cache_dir, data.prepare_config()).stream("test")]
-    context = DataContext(run.group("tokenizer"), cache_dir, tokenizer_model=run.tokenizer.path.read_bytes())
+    context = DataContext(run.group("tokenizer"), cache_dir, **as_given(run.tokenizer))
     datamodule = data.build(context)
     datamodule.prepare()
     streams = [s.stream("test") for s in datamodule.corpus.sources.values() if "test" in s.splits]
@@ -197,13 +315,60 @@ def language_model_metrics(rows: list[dict]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------- main
 # How each task's checkpoint is scored: test metrics and one predictions.jsonl row per example.
-EVALUATORS = {"clm": evaluate_language_model, "classify": evaluate_labelled, "ner": evaluate_labelled}
+EVALUATORS = {
+    "clm": evaluate_language_model,
+    "classify": evaluate_labelled,
+    "ner": evaluate_labelled,
+    "qa": evaluate_qa,
+    "sft": evaluate_sft,
+}
+
+
+def evaluate_harness(harness: EvalHarnessConfig, cfg: DictConfig) -> dict[str, float]:
+    """``harness/<task>/<metric>`` of ``harness.hf_model`` (a local HF causal LM) or of the checkpoint's
+    language model, through :meth:`lmexp.inference.harness.HarnessLM.from_lmexp` (no export needed)."""
+    from lmexp.inference.harness import HarnessLM, run_harness, task_manager
+
+    task_manager(harness.tasks, harness.include_path, "harness")  # an unknown task fails before any loading
+    if harness.hf_model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = str(Path(harness.hf_model).expanduser())
+        if not Path(path).is_dir():
+            raise ConfigError(f"harness.hf_model={path}: expected a local Hugging Face model directory")
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        lm = HarnessLM.from_hf(model, tokenizer, harness.max_length, harness.batch_size)
+    else:
+        require(cfg, ckpt_path="a causal LM checkpoint (task=clm or sft), or harness.hf_model=<dir>")
+        run = restore_run(cfg.ckpt_path, cfg.paths.cache_dir)
+        if not run.task.language_model:
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path}: lm-evaluation-harness scores causal language models; this "
+                f"checkpoint is task={run.task_name}"
+            )
+        block_size = run.group("data").block_size
+        lm = HarnessLM.from_lmexp(
+            run.task.model, run.tokenizer, harness.max_length or block_size, harness.batch_size
+        )
+    limit = harness.limit if harness.limit is None or harness.limit < 1 else int(harness.limit)
+    return run_harness(lm, harness.tasks, harness.include_path, limit, harness.num_fewshot, harness.seed)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate ``cfg.ckpt_path``; write metrics.json and predictions.jsonl into the run dir."""
     from lmexp.cache import atomic_write_json, atomic_write_text
+    from lmexp.config.schema import parse
 
+    harness = parse(EvalHarnessConfig, cfg.get("harness") or {}, "harness")
+    if harness.tasks:
+        metrics = evaluate_harness(harness, cfg)
+        run_dir = Path(cfg.paths.run_dir)
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        for key, value in metrics.items():
+            print(f"{key:<32} {value:.6g}")
+        print(f"run dir: {run_dir}  (metrics.json)")
+        return metrics
     require(cfg, ckpt_path="a checkpoint, e.g. ckpt_path=outputs/runs/<date>/<time>/checkpoints/last.ckpt")
     run = restore_run(cfg.ckpt_path, cfg.paths.cache_dir)
     evaluator = EVALUATORS.get(run.task_name)

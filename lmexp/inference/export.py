@@ -1,11 +1,11 @@
 """``python -m lmexp.export ckpt_path=<.ckpt> out=<dir>``: a Hugging Face transformers model directory.
 
-gpt (task=clm) becomes ``GPT2LMHeadModel``; llama ``LlamaForCausalLM``; bert ``BertForMaskedLM``
-(pre-trained), ``BertForSequenceClassification`` (task=classify) or ``BertForTokenClassification``
-(task=ner); a ``model=hf`` language model is its own transformers class, saved as it is. LoRA adapters are
-merged into the weights first (the directory holds a plain model). Each model kind's adapter
-(lmexp/models/<kind>_hf.py, named in the model registry) renames the weights, transposes GPT-2's Conv1D
-matrices, splits BERT's fused qkv and drops the padded vocabulary rows.
+gpt (task=clm or sft) becomes ``GPT2LMHeadModel``; llama ``LlamaForCausalLM``; bert ``BertForMaskedLM``
+(pre-trained), ``BertForSequenceClassification`` (task=classify), ``BertForTokenClassification``
+(task=ner) or ``BertForQuestionAnswering`` (task=qa); a ``model=hf`` language model is its own transformers
+class, saved as it is. LoRA adapters are merged into the weights first (the directory holds a plain model).
+Each model kind's adapter (lmexp/models/<kind>_hf.py, named in the model registry) renames the weights,
+transposes GPT-2's Conv1D matrices, splits BERT's fused qkv and drops the padded vocabulary rows.
 The tokenizer is the run's sentencepiece model rebuilt as a ``tokenizers`` tokenizer (same normalizer,
 pieces, byte fallback and special tokens), so ``AutoTokenizer.from_pretrained(out)`` gives lmexp's ids; a
 run with a Hugging Face tokenizer (model=hf, init_from=hf:...) saves that one.
@@ -148,7 +148,7 @@ def hf_model(run: Any, cfg: DictConfig) -> Any:
         task.model.state_dict(),
         run.tokenizer.vocab_size,
         special_ids(run.tokenizer, spec.layout),
-        task=task.name,
+        task=hf_task(task),
         labels=run.labels,
     )
 
@@ -178,11 +178,17 @@ def _tokenizer_of(run: Any, bert: bool, max_length: int | None) -> Any:
     return hf_tokenizer(run.tokenizer.path, bert, max_length)
 
 
+def hf_task(task: Any) -> str:
+    """The adapter's task (``HF_CLASSES`` key) of an lmexp task: a fine-tuned causal LM (sft) is still a
+    causal LM (``...ForCausalLM``); the others export under their own name."""
+    return "clm" if task.language_model else task.name
+
+
 # -------------------------------------------------------------------------------------------- parity
 def lmexp_logits(task: Any, input_ids: Any, attention_mask: Any) -> Any:
     """lmexp's logits for ``input_ids`` (B, T), the padded vocabulary rows dropped."""
-    vocab = task.train_metrics.vocab_size if task.name in ("clm", "mlm") else None
-    if task.name == "clm":
+    vocab = task.train_metrics.vocab_size if task.name == "mlm" or task.language_model else None
+    if task.language_model:
         return task.model(input_ids, attention_mask=attention_mask)[..., :vocab]  # (B, T, V)
     if task.name == "mlm":
         return task.model(input_ids, None, attention_mask)[0][..., :vocab]  # (B, T, V)
@@ -206,7 +212,11 @@ def check_parity(task: Any, hf_model: Any, tokenizer: Any, texts: list[str], ber
         input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
     with torch.no_grad():
         ours = lmexp_logits(task, input_ids, mask)
-        theirs = hf_model(input_ids=input_ids, attention_mask=mask).logits[..., : ours.shape[-1]]
+        output = hf_model(input_ids=input_ids, attention_mask=mask)
+        if hasattr(output, "start_logits"):  # ...ForQuestionAnswering: lmexp's (B, T, 2) is start, end
+            theirs = torch.stack([output.start_logits, output.end_logits], dim=-1)  # (B, T, 2)
+        else:
+            theirs = output.logits[..., : ours.shape[-1]]
     if ours.dim() == 3:  # compare real positions only
         real = mask.bool()
         ours, theirs = ours[real], theirs[real]

@@ -102,6 +102,10 @@ class HarnessCallback(Callback):
             logger.log_metrics(metrics, step=step)
         log.info("harness at step %d: %s", step, metrics)
 
+    def summary_metrics(self) -> dict[str, float]:
+        """The latest evaluation's values, for the run's metrics.json (nothing when it never ran)."""
+        return dict(self.history[max(self.history)]) if self.history else {}
+
     def evaluate(self, trainer: Any, pl_module: Any) -> dict[str, float]:
         """The harness metrics of ``pl_module.model`` now; its train/eval mode is restored afterwards."""
         from lmexp.inference.harness import HarnessLM, run_harness

@@ -261,10 +261,14 @@ class BERT(nn.Module):
 
     # ------------------------------------------------------------- the backbone contract (models/registry.py)
     def token_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states (B, T, C); padding (``attention_mask`` 0) is never attended to."""
-        return self.encode(input_ids, None, attention_mask)
+        """Final hidden states (B, T, C); padding (``attention_mask`` 0) is never attended to.
+        ``token_type_ids`` (B, T): segment ids, for tasks whose inputs are pairs (question answering)."""
+        return self.encode(input_ids, token_type_ids, attention_mask)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Sentence vectors (B, C) from hidden states (B, T, C): the pre-trained pooler (dense + tanh) over

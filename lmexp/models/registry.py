@@ -9,7 +9,8 @@ backbone methods.
 
 - ``config``: its config dataclass (``hidden_width``, ``vocab_size``, ``max_seq_len``; ``num_parameters()``);
 - ``token_states(input_ids, attention_mask) -> (B, T, C)``: the final hidden states that task heads read
-  (padding on the right never changes a real position's state);
+  (padding on the right never changes a real position's state); a kind with segment embeddings (bert)
+  also takes ``token_type_ids=`` (question answering gives the question/context segments when it can);
 - ``pool(hidden, attention_mask) -> (B, C)``: one vector per sequence for sequence classification;
 - ``drop_pretraining_heads(keep_pooler)``: remove what fine-tuning never calls;
 - ``shard_units() -> list[nn.Module]``: the sub-modules FSDP shards one by one (the transformer blocks).
@@ -19,7 +20,9 @@ examples by it rather than by its spec; a kind with ``own_tokenizer`` brings its
 ``tokenizer_dir(cache_dir)``) instead of lmexp training a sentencepiece one.
 
 Causal language models (``pretraining="clm"``) also offer ``forward(input_ids, labels=None)`` (logits, or with
-labels the summed loss as a :class:`~lmexp.models.head_loss.HeadLoss`) and ``start_generation(prompt)``;
+labels the summed loss as a :class:`~lmexp.models.head_loss.HeadLoss`) and ``start_generation(prompt)``; those
+that list ``sft`` among their tasks also take ``forward(..., document_ids=)`` (packed examples that never
+attend to each other, lmexp/models/document_mask.py);
 masked language models (``"mlm"``) offer ``forward(input_ids, token_type_ids, attention_mask, mlm_positions)``
 -> ``(mlm_logits, nsp_logits)``.
 """
@@ -75,15 +78,15 @@ MODELS: dict[str, ModelSpec] = {
     spec.kind: spec
     for spec in (
         ModelSpec(
-            "gpt", "lmexp.models.gpt.GPTConfig", "clm",
+            "gpt", "lmexp.models.gpt.GPTConfig", "clm", fine_tuning=("classify", "ner", "sft"),
             hf_adapter="lmexp.models.gpt_hf", hf_model_type="gpt2", document_mask=True,
         ),
         ModelSpec(
-            "bert", "lmexp.models.bert.BERTConfig", "mlm", layout="cls_sep",
-            hf_adapter="lmexp.models.bert_hf", hf_model_type="bert",
+            "bert", "lmexp.models.bert.BERTConfig", "mlm", fine_tuning=("classify", "ner", "qa"),
+            layout="cls_sep", hf_adapter="lmexp.models.bert_hf", hf_model_type="bert",
         ),
         ModelSpec(
-            "llama", "lmexp.models.llama.LlamaConfig", "clm",
+            "llama", "lmexp.models.llama.LlamaConfig", "clm", fine_tuning=("classify", "ner", "sft"),
             hf_adapter="lmexp.models.llama_hf", hf_model_type="llama", document_mask=True,
         ),
         ModelSpec("lstm", "lmexp.models.lstm.LSTMConfig", "clm"),

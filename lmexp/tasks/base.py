@@ -84,6 +84,12 @@ class Task(LightningModule):
     """What to tell a user whose ``data`` does not give this task's examples (after ``task=<name>``)."""
     min_block_size: ClassVar[int] = 1
     """The shortest ``data.block_size`` the task can use."""
+    metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    """The metrics it logs for the val and test splits (``val/<name>``): what early stopping and the best
+    checkpoint can monitor (lmexp/config/checks.py). Train rows have ``train/loss`` at least."""
+    language_model: ClassVar[bool] = False
+    """Its model is a whole causal LM (next-token logits, ``start_generation``), so generation and
+    lm-evaluation-harness can run on it."""
 
     def __init__(
         self,
@@ -119,6 +125,11 @@ class Task(LightningModule):
     def data_options(cls, config: TaskConfig) -> dict[str, Any]:
         """Settings of this task that the data module needs (``DataContext`` fields, e.g. masked LM's nsp)."""
         return {}
+
+    @classmethod
+    def logged_metrics(cls, config: TaskConfig) -> tuple[str, ...]:
+        """:attr:`metrics` under ``config`` (a task whose settings add or drop metrics overrides this)."""
+        return cls.metrics
 
     def load_pretrained(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Start from a pre-trained model's weights (``init_from``): a pre-training task (clm, mlm) takes them

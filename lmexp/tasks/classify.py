@@ -117,6 +117,7 @@ class SequenceClassificationTask(Task):
     fine_tuning = True
     special_tokens = ("[CLS]", "[SEP]")
     data_hint = "reads labelled examples: add data=jsonl with data.train_path and data.val_path"
+    metrics = ("loss", "acc", "f1", "precision", "recall")
 
     def __init__(self, *args: Any, labels: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

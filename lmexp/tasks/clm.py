@@ -39,6 +39,8 @@ class CausalLMTask(Task):
 
     name = "clm"
     data_format = "blocks"
+    metrics = ("loss", "ppl", "acc", "bpw")
+    language_model = True
 
     def __init__(
         self,

@@ -134,6 +134,12 @@ class MaskedLMTask(CausalLMTask):
     special_tokens = MLM_SPECIAL_TOKENS
     tokenizer_pieces = {"pad_piece": "[PAD]", "unk_piece": "[UNK]"}  # BERT's spellings
     min_block_size = MIN_BLOCK_SIZE
+    metrics = ("loss", "mlm_loss", "ppl", "acc", "nsp_loss", "nsp_acc", "nsp_f1")
+    language_model = False
+
+    @classmethod
+    def logged_metrics(cls, config: TaskConfig) -> tuple[str, ...]:
+        return cls.metrics if config.nsp else tuple(m for m in cls.metrics if not m.startswith("nsp_"))
 
     def __init__(
         self, *args: Any, special_ids: list[int], mask_id: int, seed: int = 0, **kwargs: Any

@@ -127,6 +127,7 @@ class TokenClassificationTask(SequenceClassificationTask):
     name = "ner"
     data_format = "ner"
     data_hint = "reads labelled examples: add data=jsonl or data=conll with data.train_path and data.val_path"
+    metrics = ("loss", "acc", "f1", "entity_f1")  # entity_f1 when the tags are BIO
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

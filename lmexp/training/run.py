@@ -104,6 +104,8 @@ def collect_metrics(
     for callback in callbacks:
         if hasattr(callback, "perf_metrics"):
             metrics.update(callback.perf_metrics())
+        if hasattr(callback, "summary_metrics"):  # e.g. the harness callback's latest scores
+            metrics.update(callback.summary_metrics())
     metrics["perf/global_step"] = float(trainer.global_step)
     counts = getattr(trainer.lightning_module, "parameter_counts", None) or {}
     metrics.update({name: float(count) for name, count in counts.items()})

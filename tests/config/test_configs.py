@@ -25,6 +25,10 @@ NEEDS = {
     ("data", "conll"): ["task=ner", *LABELLED],
     # Nothing of the model is read while the settings are checked (a typo is reported before any download).
     ("model", "hf"): ["model.name_or_path=not/read-yet"],
+    ("task", "qa"): ["model=bert", "data=squad", *LABELLED],
+    ("data", "squad"): ["model=bert", "task=qa", *LABELLED],
+    ("task", "sft"): ["data=sft", *LABELLED],
+    ("data", "sft"): ["task=sft", *LABELLED],
 }
 
 

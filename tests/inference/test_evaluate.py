@@ -106,3 +106,53 @@ def test_masked_lm_checkpoint_is_refused(runs, tmp_path, cache_dir):
     cfg = compose_tool("eval", tmp_path / "eval", cache_dir, f"ckpt_path={runs['bert']}")
     with pytest.raises(ConfigError, match="eval scores task=clm, classify, ner checkpoints"):
         evaluate(cfg)
+
+
+# ------------------------------------------------------------------------------------------ harness
+def _agreement_within(tokenizer, grammar, n: int, max_tokens: int) -> list[dict]:
+    """Agreement examples whose context and longer choice fit ``max_tokens`` after the eos prefix."""
+    from lmexp.inference.agreement import agreement_examples
+
+    fitting = []
+    for example in agreement_examples(grammar, 4 * n, seed=0):
+        longest = max(len(tokenizer.encode([f"{example['context']} {c}"])[0]) for c in example["choices"])
+        if longest + 1 <= max_tokens:
+            fitting.append(example)
+    return fitting[:n]
+
+
+@pytest.mark.slow
+def test_harness_on_a_checkpoint_from_the_cli_is_the_hand_computed_score(runs, cli, tmp_path, cache_dir):
+    from lmexp.data.corpus import GrammarConfig, build_grammar
+    from lmexp.inference.agreement import write_agreement_task
+    from lmexp.inference.restore import restore_run
+    from tests.inference.helpers import hand_loglikelihood
+
+    run = restore_run(runs["gpt"], cache_dir)
+    model, tokenizer = run.task.model, run.tokenizer
+    examples = _agreement_within(tokenizer, build_grammar(GrammarConfig()), 8, run.group("data").block_size)
+    tasks = tmp_path / "tasks"
+    write_agreement_task(tasks, examples, datasets_cache_dir=tasks / "datasets")
+    env = {"HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
+    harness = ["harness.tasks=[lmexp_agreement]", f"harness.include_path={tasks}"]
+    result = cli("lmexp.eval", f"ckpt_path={runs['gpt']}", *harness, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(next((tmp_path / "outputs" / "eval").glob("*/*/metrics.json")).read_text())
+
+    eos, correct = tokenizer.eos_id, 0
+    for example in examples:
+        context = [eos, *tokenizer.encode([example["context"]])[0]]
+        scores = [
+            hand_loglikelihood(model, context, [eos, *tokenizer.encode([f"{example['context']} {c}"])[0]])[0]
+            for c in example["choices"]
+        ]
+        correct += max(range(2), key=scores.__getitem__) == example["label"]
+    assert metrics["harness/lmexp_agreement/acc"] == pytest.approx(correct / len(examples))
+
+    unknown = cli("lmexp.eval", f"ckpt_path={runs['gpt']}", "harness.tasks=[lmexp_agrement]", env=env)
+    assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
+    last = unknown.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: harness.tasks: 'lmexp_agrement' is not an lm-eval task")
+        and "close names" in last
+    )

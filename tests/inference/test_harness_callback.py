@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -47,12 +48,11 @@ def test_harness_every_n_steps_in_a_fit_leaves_training_unchanged(config, gramma
     # Dropout on: a model left in eval mode, or a random state left seeded by the harness, would change
     # every step after the first evaluation.
     common = ["trainer.max_steps=10", "model.dropout=0.1", "trainer.val_check_interval=10"]
-    harness = [
-        "+callbacks.harness._target_=lmexp.inference.harness_callback.HarnessCallback",
-        "+callbacks.harness.tasks=[lmexp_agreement]",
-        "+callbacks.harness.every_n_train_steps=4",
-        f"+callbacks.harness.include_path={tasks}",
-        "+callbacks.harness.limit=6",
+    harness = [  # the entry of conf/callbacks/default.yaml, off until it has tasks
+        "callbacks.harness.tasks=[lmexp_agreement]",
+        "callbacks.harness.every_n_train_steps=4",
+        f"callbacks.harness.include_path={tasks}",
+        "callbacks.harness.limit=6",
     ]
     plain = train(config(*common, run_dir=tmp_path / "plain"))
     with_harness = train(config(*common, *harness, run_dir=tmp_path / "harness"))
@@ -63,3 +63,8 @@ def test_harness_every_n_steps_in_a_fit_leaves_training_unchanged(config, gramma
     assert [int(row["step"]) for row in rows] == [4, 8]
     assert all(0 <= float(row["harness/lmexp_agreement/acc"]) <= 1 for row in rows)
     assert all(row["harness/lmexp_agreement/acc_norm"] for row in rows)
+    # metrics.json holds the latest evaluation's values
+    saved = json.loads((tmp_path / "harness" / "metrics.json").read_text())
+    assert saved["harness/lmexp_agreement/acc"] == pytest.approx(
+        float(rows[-1]["harness/lmexp_agreement/acc"])
+    )
