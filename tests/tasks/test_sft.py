@@ -12,6 +12,7 @@ from torch.utils.data import default_collate
 from lmexp.data.sft import RenderedExample, pack_examples
 from lmexp.models.gpt import GPTConfig
 from lmexp.models.llama import LlamaConfig
+from lmexp.tasks.base import TaskInputs
 from lmexp.tasks.generation_metrics import generation_metrics
 from lmexp.tasks.metrics import IGNORE_INDEX
 from lmexp.tasks.sft import SFTConfig, SFTTask
@@ -39,7 +40,7 @@ def batch_of(*examples: RenderedExample, block_size: int = 32) -> dict[str, torc
 
 def task_of(kind: str) -> SFTTask:
     torch.manual_seed(0)
-    inputs = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=VOCAB), bpw_floor=None)
+    inputs = TaskInputs(SimpleNamespace(vocab_size=VOCAB))
     return SFTTask.build(SFTConfig(), MODELS[kind](), inputs).eval()
 
 
