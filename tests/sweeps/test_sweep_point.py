@@ -104,6 +104,19 @@ def test_outside_a_sweep_the_task_runs_untouched(tmp_path):
     assert read_record(tmp_path) is None
 
 
+def test_outside_a_sweep_a_pruned_run_ends_quietly(tmp_path, capsys):
+    # The DDP ranks Lightning starts for a trial's job run without Hydra's sweep: rank 0 records the point.
+    from lmexp.errors import TrialPruned
+
+    @sweep_point
+    def pruned(cfg: DictConfig) -> float:
+        raise TrialPruned("val/loss", 7.5, 5)
+
+    assert pruned(point_config(tmp_path, mode=RunMode.RUN)) is None
+    assert "pruned: pruned at step 5: val/loss=7.5000" in capsys.readouterr().out
+    assert read_record(tmp_path) is None
+
+
 def _sweep(sweep_dir: Path, statuses: list[str]) -> DictConfig:
     for num, status in enumerate(statuses):
         objective = None if status == "failed" else 1.0 + num
