@@ -243,3 +243,22 @@ def test_rank_zero_writes_its_decision_and_attempt_into_the_running_record(tmp_p
     write_record(tmp_path, num=0, status="failed", overrides=["sweep.name=unit"], error="boom")
     run_point(training, point_config(tmp_path))
     assert (seen[0]["status"], seen[0]["attempt"], seen[0]["resume"]) == ("running", "try-7", "never")
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_the_sweeper_reads_its_study_afresh_from_storage_and_keeps_one_in_memory(tmp_path, stored):
+    from types import SimpleNamespace
+
+    from hydra_plugins.lmexp_sweep.optuna_sweeper import study_loader
+    from lmexp.sweeps.pruning import read_pruning
+
+    impl = SimpleNamespace(
+        storage=f"sqlite:///{tmp_path}/optuna.db" if stored else None,
+        study_name="s",
+        config=OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}),
+    )
+    study = study_loader(impl, None, read_pruning({}), ["minimize"])
+    asked = study().ask()
+    study().tell(asked.number, 1.0)  # as a trial's job and the sweeper's next batch see the study
+    assert [t.state.name for t in study().trials] == ["COMPLETE"]
+    assert (study() is study()) is not stored
