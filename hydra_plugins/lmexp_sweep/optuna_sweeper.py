@@ -60,7 +60,7 @@ class OptunaSweeper(_OptunaSweeper):
         if problems:
             raise ConfigError(problems)
         space, fixed, sampler, n_trials = search_space(impl, arguments)
-        study = functools.partial(open_study, impl, sampler, pruning, directions)
+        study = study_loader(impl, sampler, pruning, directions)
         to_go, impl.job_idx = continue_study(study(), n_trials)
         run_trials(impl, study, space, fixed, to_go, pruning.active)
         save_results(study(), Path(str(impl.config.hydra.sweep.dir)))
@@ -103,6 +103,16 @@ def open_study(impl: Any, sampler: Any, pruning: Any, directions: list[str]) -> 
     )
     log.info(f"Study {study.study_name} in {impl.storage}, sampler {type(sampler).__name__}, {directions}")
     return study
+
+
+def study_loader(impl: Any, sampler: Any, pruning: Any, directions: list[str]) -> Callable[[], Any]:
+    """A function that loads the sweep's study afresh from its storage; in memory (no storage), one that
+    returns the same study each time (a new one would start empty)."""
+    load = functools.partial(open_study, impl, sampler, pruning, directions)
+    if impl.storage:
+        return load
+    study = load()
+    return lambda: study
 
 
 def continue_study(study: Any, n_trials: int) -> tuple[int, int]:

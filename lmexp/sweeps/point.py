@@ -111,7 +111,11 @@ def sweep_point(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
         if not is_multirun():
-            return task(cfg)
+            try:
+                return task(cfg)
+            except TrialPruned as stop:  # a DDP rank Lightning started for a trial's job: rank 0 records it
+                print(f"pruned: {stop}", flush=True)
+                return None
         return run_point_if_free(task, cfg)
 
     return wrapper

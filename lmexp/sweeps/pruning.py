@@ -185,6 +185,8 @@ class TrialLink:
             sampler=optuna.samplers.RandomSampler(),  # the job samples nothing; the sweeper did
         )
         study_id = storage.get_study_id_from_name(self.study_name)
+        # Optuna 2.10 has no call that hands out a RUNNING trial by number; Trial(study, trial_id) is the
+        # object its own study.ask() returns, bound to the trial the sweeper asked for.
         return optuna.trial.Trial(
             study, storage.get_trial_id_from_study_id_trial_number(study_id, self.number)
         )

@@ -104,6 +104,19 @@ def test_outside_a_sweep_the_task_runs_untouched(tmp_path):
     assert read_record(tmp_path) is None
 
 
+def test_outside_a_sweep_a_pruned_run_ends_quietly(tmp_path, capsys):
+    # The DDP ranks Lightning starts for a trial's job run without Hydra's sweep: rank 0 records the point.
+    from lmexp.errors import TrialPruned
+
+    @sweep_point
+    def pruned(cfg: DictConfig) -> float:
+        raise TrialPruned("val/loss", 7.5, 5)
+
+    assert pruned(point_config(tmp_path, mode=RunMode.RUN)) is None
+    assert "pruned: pruned at step 5: val/loss=7.5000" in capsys.readouterr().out
+    assert read_record(tmp_path) is None
+
+
 def _sweep(sweep_dir: Path, statuses: list[str]) -> DictConfig:
     for num, status in enumerate(statuses):
         objective = None if status == "failed" else 1.0 + num
@@ -230,3 +243,22 @@ def test_rank_zero_writes_its_decision_and_attempt_into_the_running_record(tmp_p
     write_record(tmp_path, num=0, status="failed", overrides=["sweep.name=unit"], error="boom")
     run_point(training, point_config(tmp_path))
     assert (seen[0]["status"], seen[0]["attempt"], seen[0]["resume"]) == ("running", "try-7", "never")
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_the_sweeper_reads_its_study_afresh_from_storage_and_keeps_one_in_memory(tmp_path, stored):
+    from types import SimpleNamespace
+
+    from hydra_plugins.lmexp_sweep.optuna_sweeper import study_loader
+    from lmexp.sweeps.pruning import read_pruning
+
+    impl = SimpleNamespace(
+        storage=f"sqlite:///{tmp_path}/optuna.db" if stored else None,
+        study_name="s",
+        config=OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}),
+    )
+    study = study_loader(impl, None, read_pruning({}), ["minimize"])
+    asked = study().ask()
+    study().tell(asked.number, 1.0)  # as a trial's job and the sweeper's next batch see the study
+    assert [t.state.name for t in study().trials] == ["COMPLETE"]
+    assert (study() is study()) is not stored
