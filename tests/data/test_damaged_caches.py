@@ -194,8 +194,10 @@ def test_a_tokenizer_build_interrupted_then_rerun_builds_it_again(tmp_path, sign
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_token_file_build_interrupted_then_rerun_builds_it_again(tmp_path, signum):
+def test_a_token_file_build_killed_then_rerun_builds_it_again(tmp_path):
+    # SIGKILL only: SIGTERM ends the build the same way (no handler during preparation; the tokenizer test
+    # above shows it), and the child's torch import makes each case cost seconds.
+    signum = signal.SIGKILL
     from lmexp.data.packing import load_token_file, write_token_file
 
     model = _built(tmp_path / "tok")
