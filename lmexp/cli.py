@@ -130,7 +130,9 @@ def exit_on_error() -> Iterator[None]:
     except OSError as error:
         if not is_storage_failure(error):
             raise
-        _exit_with(StorageError(error.filename or "a file", error), cause=error)
+        _exit_with(
+            StorageError(error.filename or "a file", error, kept_whole=False, action="access"), cause=error
+        )
 
 
 def _exit_with(error: UserError, cause: BaseException | None = None) -> None:

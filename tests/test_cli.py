@@ -125,3 +125,19 @@ def test_checkpoint_that_does_not_fit_the_run(cli, tmp_path, checkpoint, overrid
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f"error: ckpt_path={checkpoint}") and culprit in lines[0]
     assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_storage_failure_anywhere_is_one_line_naming_the_file(capsys):
+    import errno
+
+    from lmexp.cli import exit_on_error
+
+    with pytest.raises(SystemExit) as stop, exit_on_error():
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/corpus.txt")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: cannot access /data/corpus.txt: permission denied (EACCES); make the directory writable or "
+        "write elsewhere\n"
+    )
+    with pytest.raises(FileNotFoundError), exit_on_error():  # not a storage failure: left to its handler
+        raise FileNotFoundError(errno.ENOENT, "No such file", "/nowhere")

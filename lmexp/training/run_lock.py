@@ -127,7 +127,7 @@ def acquire(run_dir: str | Path) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
         if is_storage_failure(error):
-            raise StorageError(error.filename or run_dir, error) from error
+            raise StorageError(error.filename or run_dir, error, kept_whole=False) from error
         raise
     try:
         if not _lock(fd, path, run_dir):
