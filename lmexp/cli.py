@@ -122,7 +122,12 @@ def _grammar_error(text: str, overrides: Sequence[str]) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     reason = lines[0].split(": ", 1)[-1] if lines else ""
     if "LexerNoViableAltException" in text or "token recognition error" in text or not culprit.isascii():
-        reason, hint = "a character the grammar does not take unquoted", QUOTING_HINT
+        key, _, value = culprit.partition("=")
+        example = f"'{key}=\"{value}\"'" if value and '"' not in value else "'prompt=\"大语言模型\"'"
+        reason, hint = (
+            "a character the grammar does not take unquoted",
+            QUOTING_HINT.replace("'prompt=\"大语言模型\"'", example),
+        )
     else:
         hint = BRACKETS_HINT
     return f"cannot read the override {culprit!r} (key {key_of(culprit)}): {reason}; {hint}"
@@ -155,7 +160,9 @@ def exit_on_error() -> Iterator[None]:
     except OSError as error:
         if not is_storage_failure(error):
             raise
-        _exit_with(StorageError(error.filename or "a file", error), cause=error)
+        _exit_with(
+            StorageError(error.filename or "a file", error, kept_whole=False, action="access"), cause=error
+        )
 
 
 def _exit_with(error: UserError, cause: BaseException | None = None) -> None:

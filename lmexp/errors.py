@@ -41,10 +41,15 @@ class StorageError(UserError):
     """A file could not be written: the disk is full, the file is over the size limit, or the place is
     read-only. Writers that raise it leave the previous version of the file as it was."""
 
-    def __init__(self, path: str | Path, error: OSError) -> None:
+    def __init__(
+        self, path: str | Path, error: OSError, kept_whole: bool = True, action: str = "write"
+    ) -> None:
+        """``kept_whole``: the write went through a temporary file (lmexp's writers), so the previous
+        version is whole; ``action``: ``access`` for a failure met elsewhere (a read or a write)."""
         self.path, self.errno = Path(path), error.errno
         cause = STORAGE_CAUSES.get(error.errno or 0, error.strerror or type(error).__name__)
-        super().__init__(f"cannot write {path}: {cause}; the previous version of the file is unchanged")
+        kept = "; the previous version of the file is unchanged" if kept_whole else ""
+        super().__init__(f"cannot {action} {path}: {cause}{kept}")
 
     def __reduce__(self) -> tuple:  # picklable, so that it crosses from the data engine's worker processes
         return (StorageError, (self.path, OSError(self.errno, os.strerror(self.errno or 0))))

@@ -182,3 +182,19 @@ def test_hydra_lexer_errors_fold_into_a_quoting_hint() -> None:
     )
     line = fold_hydra_report(report)
     assert line.startswith("cannot read the override 'a=[中,文]'") and "quote it" in line and "\n" not in line
+
+
+def test_a_storage_failure_anywhere_is_one_line_naming_the_file(capsys):
+    import errno
+
+    from lmexp.cli import exit_on_error
+
+    with pytest.raises(SystemExit) as stop, exit_on_error():
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/corpus.txt")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: cannot access /data/corpus.txt: permission denied (EACCES); make the directory writable or "
+        "write elsewhere\n"
+    )
+    with pytest.raises(FileNotFoundError), exit_on_error():  # not a storage failure: left to its handler
+        raise FileNotFoundError(errno.ENOENT, "No such file", "/nowhere")

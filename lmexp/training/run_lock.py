@@ -127,13 +127,15 @@ def acquire(run_dir: str | Path) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
         if is_storage_failure(error):
-            raise StorageError(error.filename or run_dir, error) from error
+            raise StorageError(error.filename or run_dir, error, kept_whole=False) from error
         raise
     try:
         if not _lock(fd, path, run_dir):
             _held[path] = [fd, 1]  # unsupported by the file system: go on unguarded, as before
             return
-        command = " ".join(getattr(sys, "orig_argv", sys.argv))  # as typed: python -m lmexp.train ...
+        from lmexp.training.secrets import redact
+
+        command = redact(" ".join(getattr(sys, "orig_argv", sys.argv)))  # as typed, secrets masked
         record = Holder(os.getpid(), socket.gethostname(), _now(), command, slurm_job())
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(asdict(record)) + "\n").encode(), 0)

@@ -238,7 +238,7 @@ def test_a_sweep_rerun_skips_the_points_still_held_and_says_so(tmp_path, cache_d
         holders.append(_hold_in_process(point_dir))
     try:
         env = lmexp_env(cache_dir, tmp_path / "home")
-        args = sweep_args(tmp_path / "out", "held", "optim.lr=0.01,0.02")
+        args = sweep_args(tmp_path / "out", "held", "sweep.report=false", "optim.lr=0.01,0.02")
         result = run_lmexp("train", *args, cwd=tmp_path, env=env, timeout=120)
     finally:
         for holder in holders:
