@@ -490,8 +490,8 @@ def _raise_worker_error(code: int, result_file: Path) -> None:
         result = json.loads(result_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise RuntimeError(f"a preparation worker exited with status {code}; run again to resume") from None
-    error_class = {"DataError": DataError, "ConfigError": ConfigError}.get(result.get("type"))
-    if error_class is not None:
+    if "traceback" not in result:  # a user error (bad data, a full disk naming its shard): one line here too
+        error_class = {"DataError": DataError, "ConfigError": ConfigError}.get(result.get("type"), UserError)
         raise error_class(result["message"])
     raise RuntimeError(f"a preparation worker failed: {result.get('traceback', result.get('message'))}")
 
