@@ -448,7 +448,11 @@ class LanguageModelData(ShardedLoaders, LightningDataModule):
             self.source_names = self.corpus.names
 
     def prepare_data(self) -> None:
-        self.prepare()
+        """Lightning runs this on local rank 0 of every node: the nodes split the preparation (each unit
+        built once when they share the cache directory, every unit on each node when they do not)."""
+        trainer = self.trainer
+        multi_node = trainer is not None and trainer.num_nodes > 1
+        self.prepare((trainer.node_rank, trainer.num_nodes) if multi_node else None)
 
     def _ready_tokenizer(self) -> Path | None:
         """The tokenizer the run is given instead of training one: a Hugging Face tokenizer's directory (the

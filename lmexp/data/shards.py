@@ -3,7 +3,7 @@
 A shard holds the documents of one unit of work (see :mod:`lmexp.data.sources`) that fell into one split,
 in the packing format of :mod:`lmexp.data.packing`: ``tokens(doc) [eos]`` for each document, and the
 shard of unit 0 starts with one extra ``[eos]``. The concatenation of a split's shards in unit order is
-therefore exactly ``[eos] doc [eos] doc ... [eos]``, the stream ``write_token_file`` writes, and
+therefore exactly ``[eos] doc [eos] doc ... [eos]``, the packed stream of the whole split, and
 :class:`ShardStream` serves it as one array.
 
 Files of a shard ``<stem>`` (e.g. ``u00007.train``):

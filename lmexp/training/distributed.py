@@ -80,10 +80,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         # Every forward pass of a sharded model gathers parameters from all ranks, so every rank must run
         # as many evaluation batches as the others, although its shard of the split may be one example
         # shorter (lmexp shards evaluation data without repeating examples, so that metrics are exact).
-        from lmexp.data.sampling import ShardSampler
+        from lmexp.data.sampling import EvaluationBatches, ShardSampler
 
         if isinstance(getattr(dataloader, "sampler", None), ShardSampler):
-            return EqualBatches(dataloader, self.world_size)
+            per_rank = -(-len(dataloader.dataset) // self.world_size)  # rank 0's shard is the longest
+            return EqualBatches(dataloader, -(-per_rank // dataloader.batch_size))
+        batches = getattr(dataloader, "batch_sampler", None)
+        if isinstance(batches, EvaluationBatches):  # language-model data: batches of one source each
+            return EqualBatches(dataloader, batches.most_batches)
         return dataloader
 
 
@@ -94,10 +98,9 @@ class EqualBatches:
     pass (which takes part in the parameter gathering) and counts nothing of it (``Task.is_padding``).
     """
 
-    def __init__(self, dataloader: Any, world_size: int) -> None:
+    def __init__(self, dataloader: Any, n_batches: int) -> None:
         self.dataloader = dataloader
-        per_rank = -(-len(dataloader.dataset) // world_size)  # rank 0's shard is the longest
-        self.n_batches = -(-per_rank // dataloader.batch_size)
+        self.n_batches = n_batches  # rank 0's batch count
 
     def __len__(self) -> int:
         return self.n_batches

@@ -168,3 +168,15 @@ def test_prepare_shared_by_two_processes_then_killed_and_rerun(tmp_path: Path) -
     again = run("lmexp.prepare", *common, "tokenizer.vocab_size=420", cwd=tmp_path, cache=tmp_path / "cache")
     assert again.returncode == 0, again.stderr[-2000:]
     assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+def test_hf_dataset_saved_to_disk_prepares_through_the_cli(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    Dataset.from_dict({"content": english(300, seed=11)}).save_to_disk(str(tmp_path / "saved"))
+    args = ["data=hf", "data.hf.path=saved", "data.text_field=content", "tokenizer.vocab_size=400"]
+    hf_cache = {"HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    result = run("lmexp.prepare", *args, cwd=tmp_path, cache=tmp_path / "cache", env=hf_cache)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "prepared 1 source(s)" in result.stdout and "hf: train" in result.stdout

@@ -223,3 +223,12 @@ def test_load_tokenizer_of_a_hugging_face_directory(tmp_path: Path) -> None:
     )
     loaded = load_tokenizer(tmp_path)
     assert isinstance(loaded, HFTokenizer) and loaded.encode(["a cat"])[0]
+
+
+def test_default_coverage_spells_rare_characters_in_bytes(tmp_path: Path) -> None:
+    # 60 characters that occur once each in a corpus of common words: with character_coverage 1.0 every
+    # one of them needs a piece (367 pieces in all); the default leaves them to byte pieces (309).
+    rare = [chr(0x4E00 + i) for i in range(60)]
+    docs = make_documents(400) + ["".join(rare)]
+    tok = train_or_load_tokenizer(docs, "rare", TokenizerConfig(vocab_size=340), tmp_path)
+    assert tok.decode(tok.encode([rare[7] + " cat"])[0]) == rare[7] + " cat"

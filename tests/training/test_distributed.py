@@ -294,3 +294,21 @@ def test_gpu_checkpoints_round_trip(options, cache_dir, tmp_path):
     assert metrics["perf/peak_memory_gib"] > 0
     if chip_of(torch.cuda.get_device_name()):
         assert 0 < metrics["perf/mfu"] < 1
+
+
+def test_fsdp_ranks_run_as_many_evaluation_batches_of_language_model_data_as_rank_0():
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from lmexp.data.sampling import EvaluationBatches
+    from lmexp.training.distributed import PADDING_KEY, FSDP2Strategy
+
+    dataset = [{"x": torch.tensor(i)} for i in range(10)]
+    groups = [list(range(5)), list(range(5, 8))]  # two sources: 5 and 3 blocks
+    loaders = [DataLoader(dataset, batch_sampler=EvaluationBatches(groups, 2, rank, 2)) for rank in range(2)]
+    strategy = SimpleNamespace(world_size=2)
+    equal = [FSDP2Strategy.process_dataloader(strategy, loader) for loader in loaders]
+    batches = [list(loader) for loader in equal]
+    assert len(batches[0]) == len(batches[1]) == 3  # rank 0: 2 + 1 batches; rank 1: 1 + 1 and one padding
+    assert [PADDING_KEY in b for b in batches[1]] == [False, False, True]

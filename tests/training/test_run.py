@@ -12,8 +12,8 @@ from lmexp.train import train
 from tests.conftest import CrashAtStep
 
 EXPECTED_KEYS = {
-    "val/loss", "val/ppl", "val/acc", "val/bpw", "val/bpw_floor",
-    "test/loss", "test/ppl", "test/acc", "test/bpw", "perf/tokens_per_sec",
+    "val/loss", "val/ppl", "val/acc", "val/bpb", "val/bpw", "val/bpw_floor",
+    "test/loss", "test/ppl", "test/acc", "test/bpb", "test/bpw", "perf/tokens_per_sec",
 }  # fmt: skip
 
 
@@ -116,6 +116,6 @@ def test_user_text_with_explicit_split_files(config, tmp_path):
             "trainer.max_steps=10",
         )
     )
-    assert {"val/loss", "val/bpw", "test/loss"} <= set(metrics)
+    assert {"val/loss", "val/bpb", "val/bpw", "test/loss", "test/bpb"} <= set(metrics)
     assert "val/bpw_floor" not in metrics  # only the built-in corpus has a known floor
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
