@@ -105,7 +105,7 @@ class WindowLogits(Metric):
 
     def compute(self) -> dict[str, Any]:
         """``{"index": [...], "starts": [arrays], "ends": [arrays]}``, one row per distinct window."""
-        if not self.index:
+        if isinstance(self.index, list) and not self.index:  # after a DDP sync, states are one tensor each
             return {"index": [], "starts": [], "ends": []}
         index = dim_zero_cat(self.index).tolist()
         lengths = dim_zero_cat(self.lengths).tolist()

@@ -104,7 +104,7 @@ def test_language_model_metrics_equal_recomputation(runs, tmp_path, cache_dir):
 @pytest.mark.slow
 def test_masked_lm_checkpoint_is_refused(runs, tmp_path, cache_dir):
     cfg = compose_tool("eval", tmp_path / "eval", cache_dir, f"ckpt_path={runs['bert']}")
-    with pytest.raises(ConfigError, match="eval scores task=clm, classify, ner checkpoints"):
+    with pytest.raises(ConfigError, match="eval scores task=clm, classify, ner, qa, sft checkpoints"):
         evaluate(cfg)
 
 

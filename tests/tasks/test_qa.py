@@ -139,10 +139,9 @@ def test_bad_squad_rows_are_one_line_from_the_cli(cli, tmp_path, change, message
 def test_ddp_gathers_every_window_before_answering(qa_run, cli, tmp_path):
     """Two gloo ranks hold different windows of a question (and a padded repeat); the gathered val scores
     equal a single-process evaluation of the same final weights on the same questions."""
-    from omegaconf import OmegaConf
-
-    data = OmegaConf.load(qa_run / ".hydra" / "config.yaml").data
-    paths = [f"data.train_path={data.train_path}", f"data.val_path={data.val_path}"]
+    data = qa_run.parent / "qa-data"
+    val_path = data / "squad-val.jsonl"
+    paths = [f"data.train_path={data / 'squad-train.jsonl'}", f"data.val_path={val_path}"]
     init = f"init_from={next((qa_run.parent / 'pretrained').glob('pretrained-bert'))}"
     run_dir = tmp_path / "ddp"
     steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=7"]
@@ -152,9 +151,7 @@ def test_ddp_gathers_every_window_before_answering(qa_run, cli, tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     ddp = json.loads((run_dir / "metrics.json").read_text())
 
-    single = cli(
-        "lmexp.eval", f"ckpt_path={run_dir}", f"data.test_path={data.val_path}", "hydra.run.dir=eval"
-    )
+    single = cli("lmexp.eval", f"ckpt_path={run_dir}", f"data.test_path={val_path}", "hydra.run.dir=eval")
     assert single.returncode == 0, single.stderr[-3000:]
     alone = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert ddp["val/exact_match"] == pytest.approx(alone["test/exact_match"], abs=1e-6)
