@@ -189,7 +189,7 @@ def lmexp_logits(task: Any, input_ids: Any, attention_mask: Any) -> Any:
     """lmexp's logits for ``input_ids`` (B, T), the padded vocabulary rows dropped."""
     vocab = task.train_metrics.vocab_size if task.name == "mlm" or task.language_model else None
     if task.language_model:
-        return task.model(input_ids, attention_mask=attention_mask)[..., :vocab]  # (B, T, V)
+        return task.model(input_ids)[..., :vocab]  # (B, T, V); right padding never reaches a real position
     if task.name == "mlm":
         return task.model(input_ids, None, attention_mask)[0][..., :vocab]  # (B, T, V)
     return task.model(input_ids, attention_mask)  # (B, K) or (B, T, K)
