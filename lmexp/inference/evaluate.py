@@ -365,6 +365,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics = evaluate_harness(harness, cfg)
         run_dir = Path(cfg.paths.run_dir)
         atomic_write_json(run_dir / "metrics.json", metrics)
+        log_to_wandb(cfg, metrics, run_dir)
         for key, value in metrics.items():
             print(f"{key:<32} {value:.6g}")
         print(f"run dir: {run_dir}  (metrics.json)")
@@ -381,7 +382,35 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.paths.run_dir)
     atomic_write_json(run_dir / "metrics.json", metrics)
     atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    log_to_wandb(cfg, metrics, run_dir)
     for key, value in metrics.items():
         print(f"{key:<24} {value:.6g}")
     print(f"run dir: {run_dir}  (metrics.json, predictions.jsonl: {len(rows)} rows)")
     return metrics
+
+
+def log_to_wandb(cfg: DictConfig, metrics: dict[str, float], run_dir: Path) -> str | None:
+    """The eval's metrics as a W&B run of job type ``eval`` (``wandb.mode``: auto, online, offline or off;
+    auto = online with credentials, else offline files in ``<run dir>/wandb``); returns its mode, or None."""
+    from lmexp.training.loggers import resolve_wandb_mode
+
+    options = cfg.get("wandb") or {}
+    mode = str(options.get("mode", "off"))
+    if mode in ("off", "disabled", "None", "null", "False"):
+        return None
+    if mode not in ("auto", "online", "offline"):
+        raise ConfigError(f"wandb.mode={mode!r}: expected auto, online, offline or off")
+    import wandb
+
+    run = wandb.init(
+        project=str(options.get("project") or "lmexp"),
+        group=options.get("group"),
+        job_type="eval",
+        dir=str(run_dir),
+        mode=resolve_wandb_mode(mode),
+        config={"ckpt_path": cfg.get("ckpt_path"), "harness": dict(cfg.get("harness") or {})},
+    )
+    run.log(metrics)
+    run.summary.update(metrics)
+    run.finish()
+    return mode

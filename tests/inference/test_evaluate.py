@@ -156,3 +156,26 @@ def test_harness_on_a_checkpoint_from_the_cli_is_the_hand_computed_score(runs, c
         last.startswith("error: harness.tasks: 'lmexp_agrement' is not an lm-eval task")
         and "close names" in last
     )
+
+
+@pytest.mark.slow  # starts W&B's service
+def test_eval_metrics_go_to_a_wandb_run_when_asked(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lmexp.inference.evaluate import log_to_wandb
+    from tests.conftest import wandb_records
+
+    metrics = {"harness/agreement/acc": 0.5, "test/loss": 4.25}
+    cfg = OmegaConf.create({"ckpt_path": "run/last.ckpt", "harness": {"tasks": ["agreement"]}})
+    assert log_to_wandb(cfg, metrics, tmp_path) is None  # off unless asked: no run, no files
+    assert not (tmp_path / "wandb").exists()
+    cfg.wandb = {"mode": "offline", "project": "lmexp-test"}
+    assert log_to_wandb(cfg, metrics, tmp_path) == "offline"
+    (offline_run,) = (tmp_path / "wandb").glob("offline-run-*")
+    summary = {}
+    for record in wandb_records(offline_run):
+        summary |= (record.get("summary") or {}).get("update", {})
+    assert summary.get("harness/agreement/acc") == 0.5 and summary.get("test/loss") == 4.25
+    cfg.wandb = {"mode": "sometimes"}
+    with pytest.raises(ConfigError, match="wandb.mode='sometimes'"):
+        log_to_wandb(cfg, metrics, tmp_path)
