@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-import torch
 from lightning.pytorch import LightningDataModule
 
 from lmexp.config.schema import at_least, positive
@@ -148,16 +147,6 @@ class SFTData(ShardedLoaders, LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
-
-    def _loader_options(self) -> dict[str, Any]:
-        workers = self.num_workers
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return {
-            "num_workers": workers,
-            "pin_memory": pin,
-            "persistent_workers": workers > 0,
-            "generator": torch.Generator().manual_seed(self.seed),
-        }
 
     def _too_few_for_a_batch(self, n_examples: int) -> str:
         return (

@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
 from lightning.pytorch import LightningDataModule
 
 from lmexp.config.schema import at_least, positive
@@ -143,16 +142,8 @@ class SquadData(ShardedLoaders, LightningDataModule):
         """The questions of ``split`` and their windows (``index`` in a batch is a window's position)."""
         return self.examples[split], self.features[split]
 
-    def _loader_options(self) -> dict[str, Any]:
-        workers = self.num_workers
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return {
-            "num_workers": workers,
-            "pin_memory": pin,
-            "persistent_workers": workers > 0,
-            "collate_fn": QACollator(self.tokenizer.pad_id),
-            "generator": torch.Generator().manual_seed(self.seed),
-        }
+    def collate_fn(self, split: str) -> QACollator:
+        return QACollator(self.tokenizer.pad_id)
 
     def _too_few_for_a_batch(self, n_examples: int) -> str:
         return (

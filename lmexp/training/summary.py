@@ -61,5 +61,6 @@ def print_summary(metrics: dict[str, float], run_dir: Path, cfg: DictConfig) -> 
     console = Console()
     console.print(table)
     if note := evaluation_note(metrics, cfg):
-        console.print(note)
-    console.print(f"run dir: {run_dir}  (metrics.json, checkpoints/, .hydra/config.yaml)")
+        console.print(note, soft_wrap=True)
+    # soft_wrap: a long path stays on one line, so it can be copied (and found by scripts)
+    console.print(f"run dir: {run_dir}  (metrics.json, checkpoints/, .hydra/config.yaml)", soft_wrap=True)

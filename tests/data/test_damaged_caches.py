@@ -140,29 +140,6 @@ BLOCKING_TOKENIZER_BUILD = textwrap.dedent(
     """
 )
 
-BLOCKING_TOKEN_FILE = textwrap.dedent(
-    """
-    import sys, time
-    from pathlib import Path
-    from lmexp.data.packing import write_token_file
-    from lmexp.data.tokenizer import Tokenizer
-    from tests.data.engine_helpers import make_documents
-
-    DOCUMENTS = make_documents(300)
-
-    tokenizer = Tokenizer.load(sys.argv[1])
-    real_encode, batches = tokenizer.encode, []
-    def encode_then_wait(texts):
-        batches.append(len(texts))
-        if len(batches) == 3:  # two batches are in the temporary file
-            print("building", flush=True)
-            time.sleep(120)
-        return real_encode(texts)
-    tokenizer.encode = encode_then_wait
-    write_token_file(DOCUMENTS * 2, tokenizer, Path(sys.argv[2]), batch_size=100)
-    """
-)
-
 
 def _interrupt(script: str, signum: int, *args: str) -> None:
     """Run ``script`` until it says it is building, then send ``signum``."""
@@ -191,21 +168,3 @@ def test_a_tokenizer_build_interrupted_then_rerun_builds_it_again(tmp_path, sign
     assert tokenizer.vocab_size == CONFIG.vocab_size
     assert cached_model_problem(directory / MODEL_FILE) is None  # whole, with its recorded checksum
     assert not list(directory.glob(".build-*"))  # cleared by the rebuild, under the lock
-
-
-@pytest.mark.slow
-def test_a_token_file_build_killed_then_rerun_builds_it_again(tmp_path):
-    # SIGKILL only: SIGTERM ends the build the same way (no handler during preparation; the tokenizer test
-    # above shows it), and the child's torch import makes each case cost seconds.
-    signum = signal.SIGKILL
-    from lmexp.data.packing import load_token_file, write_token_file
-
-    model = _built(tmp_path / "tok")
-    target = tmp_path / "tokens" / "train.bin"
-    _interrupt(BLOCKING_TOKEN_FILE, signum, str(model), str(target))
-    assert not target.exists()  # only a temporary file, never under the final name
-    with pytest.raises(DataError):
-        load_token_file(target)
-    write_token_file(DOCUMENTS * 2, Tokenizer.load(model), target, batch_size=100)
-    tokens, meta = load_token_file(target)
-    assert meta["n_tokens"] == len(tokens) > 0

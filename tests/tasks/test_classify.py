@@ -98,8 +98,6 @@ def test_bad_init_from_and_data(pretrained, config, tmp_path, cache_dir):
     splits = _splits(config, cache_dir)
     with pytest.raises(ConfigError, match="reads labelled examples: add data=jsonl"):
         train(config("task=classify"))
-    with pytest.raises(ConfigError, match="only fine-tuning tasks"):
-        train(config(f"init_from={pretrained('gpt')}"))
     with pytest.raises(CheckpointError, match="init_from=.*no such checkpoint"):
         train(config("task=classify", "data=jsonl", f"init_from={tmp_path}/none.ckpt", *splits))
     with pytest.raises(ConfigError, match="data.block_size=64 exceeds max_seq_len=32"):
