@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "sinfo", "squeue", "scancel", "srun")
@@ -117,6 +118,7 @@ class SlurmCluster:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     nodes: tuple[str, ...] = ("localhost",)
     hosts: dict[str, Host] = field(default_factory=dict)  # head and nodes of a multi-node cluster
+    lock: Any = None  # the machine-wide turn of this cluster (_take_turn), released by stop()
 
     @property
     def conf(self) -> Path:
@@ -180,6 +182,9 @@ class SlurmCluster:
         for host in self.hosts.values():  # the namespaces go with the last process in them
             _end(host.holder)
         self.hosts.clear()
+        if self.lock is not None:
+            self.lock.close()  # the next test cluster may start
+            self.lock = None
         leftovers = self.job_processes()
         for pid in leftovers:
             _signal(pid, signal.SIGTERM)
@@ -333,13 +338,35 @@ def _start_munged(cluster: SlurmCluster) -> None:
     _wait_for(socket_path, cluster, timeout=10)
 
 
+def _take_turn(timeout: float = 1200) -> Any:
+    """One test cluster at a time on this machine: parallel test workers (pytest-xdist) wait for the running
+    cluster to stop (two clusters at once have failed each other's task launches). Returns the held lock."""
+    handle = open(Path(tempfile.gettempdir()) / "lmexp-slurm-cluster.lock", "w")  # noqa: SIM115 - held
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                raise ClusterUnavailable(f"another test cluster ran for over {timeout:.0f} s") from None
+            time.sleep(1)
+
+
 def start_cluster(root: Path, timeout: float = 30, ports: tuple[int, int] | None = None) -> SlurmCluster:
     """A one-node cluster (node ``localhost``) under ``root``, started; returns once the node is idle.
 
     Installs SLURM when needed and allowed. ``ports`` are (slurmctld, slurmd), free ports by default.
     """
+    turn = _take_turn()
     ports = ports or (free_port(), free_port())
-    cluster = _configure(root, "localhost(127.0.0.1)", ports, {"localhost": "127.0.0.1"})
+    try:
+        cluster = _configure(root, "localhost(127.0.0.1)", ports, {"localhost": "127.0.0.1"})
+    except BaseException:
+        turn.close()
+        raise
+    cluster.lock = turn
     try:
         _start_munged(cluster)
         _spawn(cluster, "slurmctld", [_which("slurmctld"), "-D", "-f", str(cluster.conf), "-i"])
@@ -364,7 +391,13 @@ def start_multinode_cluster(
     if missing:
         raise ClusterUnavailable(f"a multi-node cluster needs {', '.join(missing)} (util-linux, iproute2)")
     node_addresses = {f"node{i}": f"{NETWORK}.{10 + i}" for i in range(1, nodes + 1)}
-    cluster = _configure(root, f"head({HEAD_ADDRESS})", ports, node_addresses)
+    turn = _take_turn()
+    try:
+        cluster = _configure(root, f"head({HEAD_ADDRESS})", ports, node_addresses)
+    except BaseException:
+        turn.close()
+        raise
+    cluster.lock = turn
     try:
         _start_hosts(cluster, {"head": HEAD_ADDRESS, **node_addresses})
         _start_munged(cluster)  # on this machine: its socket is a file, reachable from every host
