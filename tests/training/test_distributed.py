@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -222,8 +224,11 @@ def test_srun_ranks_come_from_slurm(ddp_multirun, cache_dir, tmp_path):
     # takes ranks from SLURM's variables and relaunches nothing; rank 1 writes no Hydra output or log.
     from tests.sweeps import slurm_cluster as helpers
 
+    # A short root: slurmstepd's sockets live under it, and a Unix socket path holds at most 107 bytes
+    # (a test's own tmp dir under a pytest-xdist worker is longer than that allows).
+    root = Path(tempfile.mkdtemp(prefix="slurm-"))
     try:
-        cluster = helpers.start_cluster(tmp_path / "slurm")
+        cluster = helpers.start_cluster(root)
     except (helpers.ClusterUnavailable, OSError, subprocess.SubprocessError) as error:
         pytest.skip(f"no SLURM cluster on this machine: {error}")
     run_dir = tmp_path / "run"
@@ -238,6 +243,7 @@ def test_srun_ranks_come_from_slurm(ddp_multirun, cache_dir, tmp_path):
         )  # fmt: skip
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
     assert result.returncode == 0, result.stderr[-4000:]
     assert_rank_zero_outputs(run_dir)
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in (run_dir / "train.log").read_text()
