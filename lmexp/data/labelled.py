@@ -260,29 +260,19 @@ class LabelledData(ShardedLoaders, LightningDataModule):
 
     def __init__(self, config: LabelledDataConfig, context: DataContext) -> None:
         super().__init__()
-        self.config = config
+        adopt_file_splits(self, config, context)
         self.format = config.format
-        self.paths = {"train": config.train_path, "val": config.val_path, "test": config.test_path}
         self.fields = {
             "text": config.text_field,
             "label": config.label_field,
             "tokens": config.tokens_field,
             "tags": config.tags_field,
         }
-        self.block_size = config.block_size
-        self.batch_size = config.batch_size
-        self.num_workers = config.num_workers
-        self.tokenizer_config = context.tokenizer
-        self.cache_dir = Path(context.cache_dir).expanduser()
-        self.seed = context.seed
         self.example_format = context.example_format
-        self.given_tokenizer = context.given_tokenizer  # a checkpoint's or the model's own (model=hf)
         self.layout = context.layout
         self.labels: list[str] | None = list(context.labels) if context.labels is not None else None
-        self.tokenizer: Tokenizer | None = None
         self.records: dict[str, list[Record]] = {}
         self.datasets: dict[str, LabelledExamples] = {}
-        self.bpw_floor: float | None = None  # labelled data has no entropy floor
 
     # ---------------------------------------------------------------------------------- prepare
     def prepare(self) -> None:
@@ -423,3 +413,19 @@ def fine_tuning_tokenizer(
         raise ConfigError("data.train_path is not set: a tokenizer is trained on the training split")
     corpus_key = f"{kind}:" + files_digest([Path(str(train_path)).expanduser()])
     return train_or_load_tokenizer(documents(), corpus_key, config, cache_dir)
+
+
+def adopt_file_splits(module: Any, config: Any, context: DataContext) -> None:
+    """The settings every fine-tuning data module reads the same way: its split files, loader sizes, and
+    from the run (``context``) the tokenizer settings, cache dir, seed and the tokenizer it is given."""
+    module.config = config
+    module.paths = {"train": config.train_path, "val": config.val_path, "test": config.test_path}
+    module.block_size = config.block_size
+    module.batch_size = config.batch_size
+    module.num_workers = config.num_workers
+    module.tokenizer_config = context.tokenizer
+    module.cache_dir = Path(context.cache_dir).expanduser()
+    module.seed = context.seed
+    module.given_tokenizer = context.given_tokenizer  # a checkpoint's, a pre-trained run's, the model's own
+    module.tokenizer = None
+    module.bpw_floor = None  # fine-tuning data has no entropy floor

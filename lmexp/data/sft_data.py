@@ -19,10 +19,9 @@ from lightning.pytorch import LightningDataModule
 
 from lmexp.config.schema import at_least, positive
 from lmexp.data.context import DataConfig, DataContext
-from lmexp.data.labelled import fine_tuning_tokenizer
+from lmexp.data.labelled import adopt_file_splits, fine_tuning_tokenizer
 from lmexp.data.sampling import ShardedLoaders
 from lmexp.data.sft import PackedBlocks, SFTRecord, pack_examples, read_sft, render_examples
-from lmexp.data.tokenizer import Tokenizer
 from lmexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -86,18 +85,8 @@ class SFTData(ShardedLoaders, LightningDataModule):
 
     def __init__(self, config: SFTDataConfig, context: DataContext) -> None:
         super().__init__()
-        self.config = config
-        self.paths = {"train": config.train_path, "val": config.val_path, "test": config.test_path}
-        self.block_size = config.block_size
-        self.batch_size = config.batch_size
-        self.num_workers = config.num_workers
-        self.tokenizer_config = context.tokenizer
-        self.cache_dir = Path(context.cache_dir).expanduser()
-        self.seed = context.seed
-        self.given_tokenizer = context.given_tokenizer  # a checkpoint's, a pre-trained run's, the model's own
-        self.tokenizer: Tokenizer | None = None
+        adopt_file_splits(self, config, context)
         self.labels: list[str] | None = None
-        self.bpw_floor: float | None = None
         self.records: dict[str, list[SFTRecord]] = {}
         self.datasets: dict[str, PackedBlocks] = {}
 
