@@ -361,6 +361,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from lmexp.config.schema import parse
 
     harness = parse(EvalHarnessConfig, cfg.get("harness") or {}, "harness")
+    wandb_mode(cfg)  # a bad wandb.mode stops here, before any evaluation work
     if harness.tasks:
         metrics = evaluate_harness(harness, cfg)
         run_dir = Path(cfg.paths.run_dir)
@@ -389,17 +390,25 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def wandb_mode(cfg: DictConfig) -> str | None:
+    """``wandb.mode`` of the eval (auto, online or offline), None when off; a ConfigError when unknown."""
+    mode = str((cfg.get("wandb") or {}).get("mode", "off"))
+    if mode in ("off", "disabled", "None", "null", "False"):
+        return None
+    if mode not in ("auto", "online", "offline"):
+        raise ConfigError(f"wandb.mode={mode!r}: expected auto, online, offline or off")
+    return mode
+
+
 def log_to_wandb(cfg: DictConfig, metrics: dict[str, float], run_dir: Path) -> str | None:
     """The eval's metrics as a W&B run of job type ``eval`` (``wandb.mode``: auto, online, offline or off;
     auto = online with credentials, else offline files in ``<run dir>/wandb``); returns its mode, or None."""
     from lmexp.training.loggers import resolve_wandb_mode
 
     options = cfg.get("wandb") or {}
-    mode = str(options.get("mode", "off"))
-    if mode in ("off", "disabled", "None", "null", "False"):
+    mode = wandb_mode(cfg)
+    if mode is None:
         return None
-    if mode not in ("auto", "online", "offline"):
-        raise ConfigError(f"wandb.mode={mode!r}: expected auto, online, offline or off")
     import wandb
 
     run = wandb.init(
