@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lmexp.cache import atomic_path
 from lmexp.errors import CheckpointError
+from lmexp.training.compat import validates_after_this_batch
 
 LAST = "last.ckpt"
 
@@ -85,9 +86,9 @@ class RunCheckpoint(ModelCheckpoint):
     ModelCheckpoint postpones a save that ``every_n_train_steps`` asks for until the monitored metric
     (``val/loss``) exists, ``last.ckpt`` included: with validation every 5,000 steps and checkpoints every
     500, a job killed at step 4,900 would have nothing to resume from. Here ``last.ckpt`` is written by
-    ``trainer.save_checkpoint`` every ``every_n_train_steps`` steps, after every validation, and at the end
-    of training when steps ran after its newest save; only the best-by-metric file waits for the metric.
-    The arguments are ModelCheckpoint's.
+    ``trainer.save_checkpoint`` every ``every_n_train_steps`` steps (after the validation, when one follows
+    that step), after every validation, and at the end of training when steps ran after its newest save; only
+    the best-by-metric file waits for the metric. The arguments are ModelCheckpoint's.
     """
 
     def __init__(self, *args: Any, save_last: bool = True, **kwargs: Any) -> None:
@@ -106,7 +107,10 @@ class RunCheckpoint(ModelCheckpoint):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.every_n_steps >= 1 and trainer.global_step % self.every_n_steps == 0:
-            self.write_last(trainer)
+            # A validation right after this batch writes last.ckpt when it ends: written here, a run
+            # killed during that validation would resume past it and never log it.
+            if not validates_after_this_batch(trainer):
+                self.write_last(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_validation_end(trainer, pl_module)

@@ -50,6 +50,19 @@ def is_accumulating(trainer: Any) -> bool:
     return bool(trainer.fit_loop._should_accumulate())
 
 
+def validates_after_this_batch(trainer: Any) -> bool:
+    """Whether the fit loop runs validation right after this training batch (asked in ``on_train_batch_end``).
+
+    A checkpoint written in ``on_train_batch_end`` of such a batch resumes with that validation skipped
+    (Lightning fast-forwards the validation counters of a run restarted there), so lmexp writes it after the
+    validation instead (lmexp.training.checkpoints). The fit loop's own rule (``_should_check_val_fx``: step
+    or epoch intervals, time intervals, the last batch, early stops) is private; its inputs do not change
+    between ``on_train_batch_end`` and the check.
+    """
+    loop = trainer.fit_loop
+    return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+
+
 # ---------------------------------------------------------------------------------------- rank launching
 class ChildScriptLauncher(_SubprocessScriptLauncher):
     """Lightning's launcher for ranks 1..n-1 of one machine, with lmexp's own command for them.

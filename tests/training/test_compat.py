@@ -144,3 +144,42 @@ def test_progress_bar_title_of_step_bounded_runs(tmp_path, limits, expected):
     bar.setup(trainer, Tiny(), stage="fit")
     name = "RichProgressBar._get_train_description"
     assert bar._get_train_description(16).strip() == expected, moved(name, "RunProgressBar")
+
+
+class ValidationProbe(Callback):
+    """Compares compat.validates_after_this_batch with the validations that then run."""
+
+    def __init__(self) -> None:
+        self.predicted: list[int] = []
+        self.validated: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if compat.validates_after_this_batch(trainer):
+            self.predicted.append(trainer.global_step)
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validated.append(trainer.global_step)
+
+
+class TinyWithValidation(Tiny):
+    def validation_step(self, batch, batch_idx):
+        self.log("val", self.layer(batch[0]).sum())
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(2, 4)))
+
+
+@pytest.mark.parametrize("interval", [{"val_check_interval": 3, "check_val_every_n_epoch": None}, {}])
+def test_validation_prediction_of_the_fit_loop(tmp_path, interval):
+    probe = ValidationProbe()
+    trainer = Trainer(
+        max_steps=10, logger=False, callbacks=[probe], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path, **interval,
+    )  # fmt: skip
+    try:
+        trainer.fit(TinyWithValidation())
+    except AttributeError as error:
+        pytest.fail(moved(str(error), "validates_after_this_batch"))
+    assert probe.validated, "the probe saw no validation"
+    assert probe.predicted == probe.validated, moved("_should_check_val_fx", "validates_after_this_batch")
