@@ -30,9 +30,9 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # every model comes from a local directory
 
 
-def hf_model(directory: Path, vocab_size: int = 384) -> torch.nn.Module:
+def hf_model(directory: Path, attention: str | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
-    return HFModelConfig(name_or_path=str(directory), vocab_size=vocab_size).build()
+    return HFModelConfig(name_or_path=str(directory), vocab_size=384, attn_implementation=attention).build()
 
 
 def eos_of(directory: Path) -> int:
@@ -67,11 +67,12 @@ def test_each_task_asks_for_its_kind_of_model(hf_model_dir):
 
 
 # ------------------------------------------------------------------------------------------------ sft
-@pytest.mark.parametrize("family", DECODERS)
-def test_packed_documents_never_see_each_other(family, hf_model_dir):
-    """A document's logits are those it gets alone, whatever the other documents of its block hold."""
+@pytest.mark.parametrize(("family", "attention"), [*((f, None) for f in DECODERS), ("llama", "eager")])
+def test_packed_documents_never_see_each_other(family, attention, hf_model_dir):
+    """A document's logits are those it gets alone, whatever the other documents of its block hold (sdpa,
+    transformers' default here, and eager attention both take the 4-D mask)."""
     directory = hf_model_dir(family)
-    model, eos = hf_model(directory).eval(), eos_of(directory)
+    model, eos = hf_model(directory, attention).eval(), eos_of(directory)
     first, second = [eos, 5, 6, 7, 8], [eos, 9, 10, 11]
     changed = [eos, 12, 13, 14, 15]
     documents = torch.tensor([[0] * 5 + [1] * 4])  # (1, 9)
