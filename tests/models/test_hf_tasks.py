@@ -119,6 +119,33 @@ def test_span_head_reads_segments_of_an_encoder(hf_model_dir):
     assert plain.shape == (1, 7, 2) and (plain - with_segments).abs().max() > 1e-4
 
 
+def test_qa_export_is_the_model_types_question_answering_class_or_one_line(hf_model_dir):
+    from omegaconf import OmegaConf
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    from lmexp.errors import ConfigError
+    from lmexp.inference.export import question_answering_model
+
+    cfg = OmegaConf.create({"ckpt_path": "run/last.ckpt"})
+    extractor = SpanExtractor(hf_model(hf_model_dir("bert"))).eval()
+    exported = question_answering_model(extractor, cfg)
+    assert type(exported).__name__ == "BertForQuestionAnswering"
+    ids, mask = torch.tensor([[2, 20, 21, 3, 22, 23, 3]]), torch.ones(1, 7, dtype=torch.long)
+    with torch.no_grad():
+        output = exported(input_ids=ids, attention_mask=mask)
+        theirs = torch.stack([output.start_logits, output.end_logits], dim=-1)  # (1, 7, 2)
+        torch.testing.assert_close(theirs, extractor(ids, mask), atol=1e-5, rtol=1e-5)
+    # ESM has a masked-LM class but no question-answering one in transformers
+    esm = EsmConfig(
+        vocab_size=33, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    fake = SimpleNamespace(backbone=SimpleNamespace(hf=EsmForMaskedLM(esm)), classifier=extractor.classifier)
+    with pytest.raises(
+        ConfigError, match=r"^ckpt_path=run/last.ckpt: transformers has no question-answering "
+    ):
+        question_answering_model(fake, cfg)
+
+
 # ------------------------------------------------------------------------------------------- end to end
 RUN_TINY = [
     "logger=csv",

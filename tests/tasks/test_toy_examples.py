@@ -50,7 +50,7 @@ def bert(tmp_path_factory, cache_dir) -> Path:
     ("heading", "task", "floor"),
     [
         ("### Classification", "classify", 0.25),  # four balanced topics
-        ("### Token classification", "ner", 0.6),  # above the share of O tags (about 56%)
+        ("### Token classification", "ner", 0.56),  # the share of O tags in the val split
     ],
 )
 def test_readme_example_learns_the_toy_task(heading, task, floor, bert, cli, tmp_path):
