@@ -20,7 +20,7 @@ from lmexp.tasks.base import TaskInputs
 from lmexp.tasks.metrics import IGNORE_INDEX
 from lmexp.tasks.qa import SpanExtractor
 from lmexp.tasks.sft import SFTConfig, SFTTask
-from tests.models.hf_helpers import DECODERS
+from tests.models.hf_helpers import DECODERS, byte_level_tokenizer, save_tiny_model, wordpiece_tokenizer
 
 PAD = 0
 
@@ -173,13 +173,46 @@ def splits(toy: Path, name: str) -> list[str]:
     return [f"data.{split}_path={toy / f'{name}-{split}.jsonl'}" for split in ("train", "val", "test")]
 
 
+def toy_texts(toy: Path, name: str) -> tuple[str, ...]:
+    """Every string of a toy file's rows (questions, contexts, prompts, chat turns)."""
+    rows = [json.loads(line) for line in (toy / f"{name}-train.jsonl").read_text().splitlines()]
+    return tuple(
+        text
+        for row in rows
+        for text in [
+            row.get("question"),
+            row.get("context"),
+            *(m["content"] for m in row.get("messages", [])),
+        ]
+        if text
+    )
+
+
+@pytest.fixture(scope="module")
+def toy_bert(tmp_path_factory, toy_data) -> Path:
+    """A tiny BERT whose WordPiece tokenizer also saw the toy questions (the corpus has no "?")."""
+    tokenizer = wordpiece_tokenizer(extra_texts=toy_texts(toy_data, "squad"))
+    return save_tiny_model(tmp_path_factory.mktemp("toy-bert"), "bert", tokenizer=tokenizer)
+
+
+def test_the_tokenizers_know_every_word_of_the_toy_data(toy_data):
+    squad = toy_texts(toy_data, "squad")
+    plain = wordpiece_tokenizer()
+    assert {t for text in squad for t in plain.tokenize(text) if t == plain.unk_token} == {"[UNK]"}  # "?"
+    tokenizer = wordpiece_tokenizer(extra_texts=squad)
+    assert not [text for text in squad if tokenizer.unk_token in tokenizer.tokenize(text)]
+    chats = toy_texts(toy_data, "translate")
+    decoder = byte_level_tokenizer()  # bytes: nothing is unknown, every text comes back whole
+    assert all(decoder.decode(decoder(text)["input_ids"]) == text for text in chats)
+
+
 @pytest.mark.slow
-def test_qa_trains_evaluates_and_exports(hf_model_dir, toy_data, cli, tmp_path):
+def test_qa_trains_evaluates_and_exports(toy_bert, toy_data, cli, tmp_path):
     from transformers import AutoModelForQuestionAnswering
 
     run = tmp_path / "qa"
     trained = cli(
-        "lmexp.train", "task=qa", "data=squad", "model=hf", f"model.name_or_path={hf_model_dir('bert')}",
+        "lmexp.train", "task=qa", "data=squad", "model=hf", f"model.name_or_path={toy_bert}",
         *RUN_TINY, "data.block_size=64", "data.stride=16", "data.max_question_len=16",
         *splits(toy_data, "squad"), f"hydra.run.dir={run}", env={"HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
