@@ -174,7 +174,7 @@ def splits(toy: Path, name: str) -> list[str]:
 
 
 def toy_texts(toy: Path, name: str) -> tuple[str, ...]:
-    """Every string of a toy file's rows (questions, contexts, prompts, chat turns)."""
+    """The questions, contexts and chat turns of a toy file's train rows."""
     rows = [json.loads(line) for line in (toy / f"{name}-train.jsonl").read_text().splitlines()]
     return tuple(
         text
