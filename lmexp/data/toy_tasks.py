@@ -1,8 +1,16 @@
 """Tiny local fine-tuning data sets, generated from the built-in corpus's words (no download).
 
-``python -m lmexp.data.toy_tasks <dir>`` writes train/val/test JSON lines of three tasks, so that every
+``python -m lmexp.data.toy_tasks <dir>`` writes train/val/test files of five tasks, so that every
 fine-tuning example in the README runs from a fresh clone:
 
+- ``classify-*.jsonl`` (``task=classify``, ``{"text", "label"}``): a sentence "The <noun> <verb>s the
+  <noun>." (an adjective before a noun now and then), both nouns of one of four topics of the built-in
+  grammar; the label is that topic, ``topic0`` ... ``topic3`` (chance: 25%). A topic's nouns are its
+  eight most frequent ones, so a briefly pre-trained model has seen them;
+- ``ner-*.conll`` (``task=ner``, CoNLL: ``token tag`` lines, a blank line between sentences): "the <entity>
+  <verb>s the <entity>" with now and then "<preposition> the <entity>" after it; an entity is one or two
+  nouns of topic 0 or topic 1 (eight each), tagged in BIO as ``B-T0 I-T0`` or ``B-T1 I-T1``; every other
+  word is ``O``. The tag of a word is its noun's topic, the B/I split its place in the entity;
 - ``squad-*.jsonl`` (``task=qa``, Hugging Face's squad layout): a context of short facts, "The <noun>
   <verb>s the <noun>." about different subjects, and a question about one of them, "What does the <noun>
   <verb>?", whose answer is that fact's object, with its character offset;
@@ -29,6 +37,8 @@ from lmexp.data.corpus import Grammar, GrammarConfig, build_grammar, generate_do
 from lmexp.errors import ConfigError
 
 SPLITS = {"train": 400, "val": 50, "test": 50}
+CLASSIFY_TOPICS, TOPIC_NOUNS = 4, 8  # topics of the classify set; nouns per topic (classify and ner)
+NER_PREPOSITIONS = ("near", "with", "under")
 TRANSLATION_WORDS = 40
 SYSTEM_PROMPT = "You translate English into Lexish."
 
@@ -57,6 +67,52 @@ def qa_rows(grammar: Grammar, n: int, seed: int, n_facts: tuple[int, int] = (3, 
             }
         )
     return rows
+
+
+def classify_rows(grammar: Grammar, n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` rows ``{text, label}``: a sentence whose two nouns are of the topic named by its label."""
+    rng = random.Random(seed)
+    verbs = grammar.transitive_verbs[:12]
+    rows = []
+    for _ in range(n):
+        topic = rng.randrange(CLASSIFY_TOPICS)
+        nouns = grammar.topic_nouns[topic][:TOPIC_NOUNS]
+        words = ["The", _maybe_adjective(grammar, rng), rng.choice(nouns), rng.choice(verbs) + "s", "the"]
+        words += [_maybe_adjective(grammar, rng), rng.choice(nouns)]
+        rows.append({"text": " ".join(w for w in words if w) + ".", "label": f"topic{topic}"})
+    return rows
+
+
+def _maybe_adjective(grammar: Grammar, rng: random.Random) -> str:
+    """One of a few adjectives a third of the time, else "" (no word)."""
+    return rng.choice(grammar.adjectives[:6]) if rng.random() < 1 / 3 else ""
+
+
+def ner_rows(grammar: Grammar, n: int, seed: int) -> list[dict[str, list[str]]]:
+    """``n`` sentences ``{tokens, tags}`` whose entities (one or two nouns of topic 0 or 1) are BIO-tagged."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        verb = rng.choice(grammar.transitive_verbs[:12]) + "s"
+        pairs = [("the", "O"), *_entity(grammar, rng), (verb, "O"), ("the", "O"), *_entity(grammar, rng)]
+        if rng.random() < 0.5:
+            pairs += [(rng.choice(NER_PREPOSITIONS), "O"), ("the", "O"), *_entity(grammar, rng)]
+        rows.append({"tokens": [word for word, _ in pairs], "tags": [tag for _, tag in pairs]})
+    return rows
+
+
+def _entity(grammar: Grammar, rng: random.Random) -> list[tuple[str, str]]:
+    """One or two nouns of topic 0 or 1 with their BIO tags: ``B-T<topic>`` then ``I-T<topic>``."""
+    topic = rng.randrange(2)
+    nouns = grammar.topic_nouns[topic][:TOPIC_NOUNS]
+    return [(rng.choice(nouns), f"{'I' if i else 'B'}-T{topic}") for i in range(rng.choice((1, 1, 2)))]
+
+
+def conll_text(rows: list[dict[str, list[str]]]) -> str:
+    """CoNLL lines: ``token tag`` per word, a blank line after each sentence."""
+    return "".join(
+        "".join(f"{t} {g}\n" for t, g in zip(r["tokens"], r["tags"], strict=True)) + "\n" for r in rows
+    )
 
 
 def summarize_rows(grammar: Grammar, n: int, seed: int) -> list[dict[str, str]]:
@@ -115,16 +171,26 @@ def translate_rows(grammar: Grammar, n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def write_toy_tasks(directory: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> list[Path]:
-    """Write ``squad-``, ``summarize-`` and ``translate-{train,val,test}.jsonl`` into ``directory``."""
+    """Write ``squad-``, ``summarize-``, ``translate-``, ``classify-{train,val,test}.jsonl`` and
+    ``ner-{train,val,test}.conll`` into ``directory``."""
     directory = Path(directory).expanduser()
     grammar = build_grammar(GrammarConfig())
-    makers = {"squad": qa_rows, "summarize": summarize_rows, "translate": translate_rows}
+    makers = {
+        "squad": qa_rows,
+        "summarize": summarize_rows,
+        "translate": translate_rows,
+        "classify": classify_rows,
+        "ner": ner_rows,
+    }
     written = []
     for offset, (split, n) in enumerate((sizes or SPLITS).items()):
         for name, make in makers.items():
             rows = make(grammar, n, seed * 1000 + offset)
-            path = directory / f"{name}-{split}.jsonl"
-            atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+            if name == "ner":
+                path, text = directory / f"{name}-{split}.conll", conll_text(rows)
+            else:
+                path, text = directory / f"{name}-{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+            atomic_write_text(path, text)
             written.append(path)
     return written
 

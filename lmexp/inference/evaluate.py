@@ -179,7 +179,9 @@ def evaluate_sft(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, float], l
     model.to(device)
     generate = kv_cache_generate(model, tokenizer.vocab_size, tokenizer.eos_id)
     greedy = Sampling(temperature=0.0)
-    limit = min(datamodule.block_size, model.config.max_seq_len)
+    # the model's context: lmexp's kinds name it max_seq_len, a model=hf model reads its config's positions
+    context = getattr(model.config, "max_seq_len", None) or getattr(model, "max_positions", None)
+    limit = min(datamodule.block_size, context or datamodule.block_size)
     max_new = int(cfg.generation.max_new_tokens)
     prompts, references, texts = [], [], []
     for record in datamodule.records["test"]:

@@ -3,7 +3,9 @@
 gpt (task=clm or sft) becomes ``GPT2LMHeadModel``; llama ``LlamaForCausalLM``; bert ``BertForMaskedLM``
 (pre-trained), ``BertForSequenceClassification`` (task=classify), ``BertForTokenClassification``
 (task=ner) or ``BertForQuestionAnswering`` (task=qa); a ``model=hf`` language model is its own transformers
-class, saved as it is. LoRA adapters are merged into the weights first (the directory holds a plain model).
+class, saved as it is (task=clm, mlm, sft), and a model=hf qa run becomes its model type's
+``...ForQuestionAnswering``. LoRA adapters are merged into the weights first (the directory holds a
+plain model).
 Each model kind's adapter (lmexp/models/<kind>_hf.py, named in the model registry) renames the weights,
 transposes GPT-2's Conv1D matrices, splits BERT's fused qkv and drops the padded vocabulary rows.
 The tokenizer is the run's sentencepiece model rebuilt as a ``tokenizers`` tokenizer (same normalizer,
@@ -15,6 +17,7 @@ model's after it is read back from the staging directory).
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -154,13 +157,46 @@ def hf_model(run: Any, cfg: DictConfig) -> Any:
 
 
 def own_model(run: Any, cfg: DictConfig) -> Any:
-    """A ``model=hf`` run's transformers model itself (a language model: task=clm or task=mlm)."""
-    if run.task_name not in ("clm", "mlm"):
+    """A ``model=hf`` run's transformers model: the language model itself (task=clm, mlm, sft), or for
+    task=qa its base model under the model type's ``...ForQuestionAnswering`` class."""
+    if run.task_name == "qa":
+        return question_answering_model(run.task.model, cfg)
+    if run.task_name not in ("clm", "mlm", "sft"):
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path}: a model=hf fine-tuned with task={run.task_name} has an lmexp head "
-            "that no transformers class holds; export writes model=hf language models (task=clm, task=mlm)"
+            "that no transformers class holds; export writes model=hf language models (task=clm, mlm, sft) "
+            "and question answering (task=qa)"
         )
     return run.task.model.hf.eval()
+
+
+def question_answering_model(extractor: Any, cfg: DictConfig) -> Any:
+    """``AutoModelForQuestionAnswering`` of a model=hf qa run's model type, holding its fine-tuned base
+    model and span head (lmexp's (C, 2) head is transformers' start/end ``qa_outputs``)."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering
+    from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
+
+    encoder = extractor.backbone.hf
+    config = encoder.config
+    if config.model_type not in MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: transformers has no question-answering class for model type "
+            f"{config.model_type!r} (AutoModelForQuestionAnswering), so this qa run cannot be exported"
+        )
+    config = copy.deepcopy(config)
+    config.num_labels = 2  # start, end
+    model = AutoModelForQuestionAnswering.from_config(config, dtype=encoder.dtype)
+    model.base_model.load_state_dict(encoder.base_model.state_dict())
+    heads = [m for name, m in model.named_children() if m is not model.base_model]
+    span = [m for m in heads if isinstance(m, torch.nn.Linear) and m.out_features == 2]
+    if len(span) != 1:  # a class with more than one Linear beside its base model: which one is not known
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: {type(model).__name__} has no single start/end Linear head "
+            "to hold the qa head; export is not available for it"
+        )
+    span[0].load_state_dict(extractor.classifier.state_dict())
+    return model.eval()
 
 
 def _reloaded(directory: Path, model: Any) -> Any:

@@ -12,6 +12,9 @@ id; :class:`HFModel` wraps the transformers model and offers lmexp's backbone co
   ``task=mlm``, masked LM only: transformers' masked-LM classes have no next-sentence head
   (``task.nsp=false``);
 - both fine-tune with a fresh lmexp head (``task=classify``, ``task=ner``) on ``token_states`` / ``pool``;
+  encoders also answer questions (``task=qa``: a span head on ``token_states``, with segment ids when the
+  model has segment embeddings), decoders also learn prompt -> completion (``task=sft``: packed examples
+  kept apart by a block-diagonal 4-D attention mask and positions restarting per example);
 - the tokenizer is the model's own (``AutoTokenizer``: :class:`lmexp.data.text_tokenizer.HFTokenizer`).
 
 Every problem found about the model is one line naming ``model.name_or_path``: no config.json, no weights,
@@ -129,6 +132,13 @@ class HFModelConfig(ModelConfig):
                 f"{KEY}={self.name_or_path} has {has}: task={task} needs a "
                 f"{'causal' if task == 'clm' else 'masked'}-LM head; use task={objective}"
             ]
+        needs = {
+            "qa": ("mlm", "an encoder (a masked-LM model: BERT, RoBERTa, ...)"),
+            "sft": ("clm", "a decoder (a causal-LM model: GPT-2, Llama, Qwen2, ...)"),
+        }
+        if task in needs and objective != needs[task][0]:
+            kind = "a decoder" if objective == "clm" else "an encoder"
+            return [f"{KEY}={self.name_or_path} is {kind}: task={task} needs {needs[task][1]}"]
         return []
 
     # ------------------------------------------------------------------------------------------ building
@@ -284,21 +294,27 @@ class HFModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         mlm_positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> Any:
         """As lmexp's models: a causal LM gives logits (B, T, V), or with ``labels`` (B, T) the summed
         next-token loss as a :class:`HeadLoss`; a masked LM gives ``(mlm_logits, None)`` (no next-sentence
-        head), the logits (B, T, V), or (N, V) at ``mlm_positions`` (N,) of the flattened batch."""
+        head), the logits (B, T, V), or (N, V) at ``mlm_positions`` (N,) of the flattened batch.
+        ``document_ids`` (B, T) of packed blocks (a causal LM): each token attends to its own document only,
+        and positions restart at each document (:func:`packed_inputs`)."""
         if self.objective == "mlm":
             return self._masked_lm(input_ids, token_type_ids, attention_mask, mlm_positions), None
+        # attention_mask (B, 1, T, T) and position_ids (B, T) of packed documents; {} for plain blocks
+        packed = {} if document_ids is None else packed_inputs(document_ids, self.hf.dtype)
         if labels is None:
             self._check_length(input_ids.shape[1])
-            return self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            masks = packed or {"attention_mask": attention_mask}
+            return self.hf(input_ids=input_ids, use_cache=False, **masks).logits
         flat_labels = labels.flatten()  # (B*T,)
         if self._head is None:  # logits are more than a Linear of the hidden states: the plain loss on them
             self._check_length(input_ids.shape[1])
-            logits = self.hf(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+            logits = self.hf(input_ids=input_ids, use_cache=False, **packed).logits  # (B, T, V)
             return logits_cross_entropy(logits.flatten(0, 1), flat_labels, self.config.vocab_size)
-        hidden = self._base(input_ids)  # (B, T, C)
+        hidden = self._base(input_ids, **packed)  # (B, T, C)
         return linear_cross_entropy(
             hidden.flatten(0, 1), self._head.weight, self._head.bias, flat_labels, self.config.vocab_size
         )
@@ -323,10 +339,17 @@ class HFModel(nn.Module):
 
     # ------------------------------------------------------------- the backbone contract (models/registry.py)
     def token_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The base model's last hidden states (B, T, C); padding is masked out of attention."""
-        return self._base(input_ids, attention_mask=attention_mask)
+        """The base model's last hidden states (B, T, C); padding is masked out of attention. Segment ids
+        (question answering's question/context) reach only a model with segment embeddings."""
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask}
+        if token_type_ids is not None and getattr(self.hf.config, "type_vocab_size", 0) >= 2:
+            kwargs["token_type_ids"] = token_type_ids  # RoBERTa-style models have a single segment
+        return self._base(input_ids, **kwargs)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sentence vectors (B, C): a decoder's last real token (it has seen the whole text), an encoder's
@@ -377,6 +400,19 @@ class HFModel(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of distinct parameters (a tied matrix counts once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def packed_inputs(document_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``attention_mask`` (B, 1, T, T) and ``position_ids`` (B, T) that keep the documents of packed blocks
+    apart in a transformers decoder: the block-diagonal causal mask as an additive float mask (0 = attend,
+    the dtype's minimum = not; transformers passes a 4-D mask to its eager and sdpa attention as it is) and
+    positions restarting at each document (lmexp/models/document_mask.py)."""
+    from lmexp.models.document_mask import block_causal_mask, document_positions
+
+    allowed = block_causal_mask(document_ids)  # (B, 1, T, T), True = may attend
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=document_ids.device)
+    blocked = blocked.masked_fill(~allowed, torch.finfo(dtype).min)  # (B, 1, T, T)
+    return {"attention_mask": blocked, "position_ids": document_positions(document_ids)}
 
 
 # ------------------------------------------------------------------------------------- model's files

@@ -90,8 +90,9 @@ MODELS: dict[str, ModelSpec] = {
             hf_adapter="lmexp.models.llama_hf", hf_model_type="llama", document_mask=True,
         ),
         ModelSpec("lstm", "lmexp.models.lstm.LSTMConfig", "clm"),
-        ModelSpec(
+        ModelSpec(  # qa for encoders, sft for decoders: HFModelConfig.task_problems checks the model
             "hf", "lmexp.models.hf.HFModelConfig", "clm", also_pretrains=("mlm",), own_tokenizer=True,
+            fine_tuning=("classify", "ner", "qa", "sft"), document_mask=True,
         ),
     )
 }  # fmt: skip

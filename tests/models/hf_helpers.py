@@ -48,8 +48,9 @@ def byte_level_tokenizer(pad: bool = False) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=rust, **names, **({"pad_token": "<pad>"} if pad else {}))
 
 
-def wordpiece_tokenizer(mask: bool = True, pad: bool = True) -> Any:
-    """A BERT-style tokenizer: WordPiece with [UNK] [CLS] [SEP] (and [PAD], [MASK] unless turned off)."""
+def wordpiece_tokenizer(mask: bool = True, pad: bool = True, extra_texts: tuple[str, ...] = ()) -> Any:
+    """A BERT-style tokenizer: WordPiece with [UNK] [CLS] [SEP] (and [PAD], [MASK] unless turned off);
+    trained on ``extra_texts`` too (e.g. toy data with characters the corpus lacks, such as "?")."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,7 +60,8 @@ def wordpiece_tokenizer(mask: bool = True, pad: bool = True) -> Any:
     rust.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     rust.decoder = decoders.WordPiece()
     rust.train_from_iterator(
-        corpus(), trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False)
+        corpus() + extra_texts,
+        trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False),
     )
     cls_id, sep_id = rust.token_to_id("[CLS]"), rust.token_to_id("[SEP]")
     rust.post_processor = processors.TemplateProcessing(
