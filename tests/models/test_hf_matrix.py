@@ -8,6 +8,7 @@ through (eval, generate and W&B then read the twin), and single-process referenc
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -37,7 +38,7 @@ HF = ["model=hf", "~model.n_layer", "~model.n_embd"]
 BATCH = 4  # per DDP process; the single-process reference takes DEVICES x BATCH
 LRS = ("3e-3", "1e-3")  # the sweep's grid; the first is the single-process reference's
 # The killed run: dropout on (the random state must come back), checkpoints every 7 steps, killed with
-# SIGKILL right after the one of step 14 is on disk, mid-epoch (an epoch is far longer than 30 steps).
+# SIGKILL right after the one of step 14 is on disk, mid-epoch (the whole run is in the first epoch).
 KILLED_RUN = [
     "trainer.max_steps=30",
     "trainer.val_check_interval=10",
@@ -130,6 +131,9 @@ def test_kill9_mid_epoch_then_resume_auto_matches_uninterrupted_run(twins):
     killed, reference = twins
     _assert_same_result(killed, reference)  # metrics, every weight (atol 1e-6), every train row once
     assert read_metrics(killed)["perf/global_step"] == 30
+    with open(reference / "csv" / "metrics.csv", newline="") as handle:
+        epochs = {float(row["epoch"]) for row in csv.DictReader(handle) if row.get("train/loss")}
+    assert epochs == {0.0}  # every training step in the first epoch: killed and resumed mid-epoch
     # the same W&B run continues: one offline run dir per process, one run id
     runs = list((killed / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({run.name.rsplit("-", 1)[-1] for run in runs}) == 1
@@ -137,9 +141,10 @@ def test_kill9_mid_epoch_then_resume_auto_matches_uninterrupted_run(twins):
 
 # ------------------------------------------------------------------------------------ precision, compile
 @pytest.mark.slow
-def test_bf16_mixed_trains_and_reports_perf(tmp_path, cache_dir, llama):
+def test_bf16_mixed_with_gradient_checkpointing_trains_and_reports_perf(tmp_path, cache_dir, llama):
     run = tmp_path / "bf16"
     overrides = [*llama, "trainer.precision=bf16-mixed", "trainer.max_steps=4", "logger=csv"]
+    overrides += ["model.gradient_checkpointing=true"]  # transformers' own, in a real run
     metrics = train(make_config(run, cache_dir, *overrides))
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     assert metrics["perf/tokens_per_sec"] > 0 and metrics["perf/flops_per_token"] > 0
