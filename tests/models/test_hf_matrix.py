@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmexp.errors import ConfigError
 from lmexp.train import train
 from tests.conftest import REPO, make_config, wandb_records
 from tests.models.hf_helpers import POSITIONS
@@ -201,9 +200,16 @@ def test_generate_goes_through_the_models_kv_cache(twins, cache_dir, capsys):
     # the command on the same checkpoint
     texts = generate(compose_tool("generate", reference, cache_dir, f"ckpt_path={reference}", "prompt=the"))
     assert len(texts) == 1 and texts[0].startswith("the") and texts[0] in capsys.readouterr().out
-    too_long = compose_tool("generate", reference, cache_dir, f"ckpt_path={reference}", "max_new_tokens=200")
-    with pytest.raises(ConfigError, match=f"exceeds the model's max_position_embeddings={POSITIONS}"):
-        generate(too_long)  # found before sampling (the model has 128 positions)
+
+
+@pytest.mark.slow  # the real CLI
+def test_generate_past_the_models_positions_is_one_line_before_sampling(twins, cli):
+    _, reference = twins
+    offline = {"HF_HUB_OFFLINE": "1"}
+    result = cli("lmexp.generate", f"ckpt_path={reference}", "max_new_tokens=200", env=offline)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr[-3000:]
+    assert f"exceeds the model's max_position_embeddings={POSITIONS}" in lines[0] and not result.stdout
 
 
 @pytest.mark.slow
