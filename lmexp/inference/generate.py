@@ -141,11 +141,15 @@ def generate(cfg: DictConfig) -> list[str]:
     model, tokenizer = run.task.model, run.tokenizer
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     prompt_ids = [tokenizer.eos_id, *tokenizer.encode([cfg.prompt])[0]]
-    limit = getattr(model.config, "max_seq_len", None)
+    # lmexp's kinds: model.max_seq_len; a model=hf model: its transformers config's positions (checked here
+    # too, so a too-long request fails before any sampling, not in the middle of it)
+    limit, name = getattr(model.config, "max_seq_len", None), "max_seq_len"
+    if limit is None:
+        limit, name = getattr(model, "max_positions", None), "max_position_embeddings"
     if limit is not None and len(prompt_ids) + cfg.max_new_tokens - 1 > limit:
         raise ConfigError(
             f"the prompt ({len(prompt_ids)} tokens with the document start) + max_new_tokens="
-            f"{cfg.max_new_tokens} exceeds the model's max_seq_len={limit}; shorten one of them"
+            f"{cfg.max_new_tokens} exceeds the model's {name}={limit}; shorten one of them"
         )
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     continuations = generate_ids(
