@@ -149,9 +149,7 @@ def test_harness_on_a_checkpoint_from_the_cli_is_the_hand_computed_score(runs, c
         correct += max(range(2), key=scores.__getitem__) == example["label"]
     assert metrics["harness/lmexp_agreement/acc"] == pytest.approx(correct / len(examples))
 
-    # In-process (the cli fixture's in_process): the run above is the real ``python -m lmexp.eval``.
-    typo = "harness.tasks=[lmexp_agrement]"
-    unknown = cli("lmexp.eval", f"ckpt_path={runs['gpt']}", typo, env=env, in_process=True)
+    unknown = cli("lmexp.eval", f"ckpt_path={runs['gpt']}", "harness.tasks=[lmexp_agrement]", env=env)
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
     last = unknown.stderr.strip().splitlines()[-1]
     assert (
