@@ -333,7 +333,7 @@ def test_skip_nonfinite_skips_and_counts_the_bad_batches(config, tmp_path):
 def test_nonfinite_loss_from_the_cli_is_one_line(cli):
     # lr 1e6 blows the weights up within a few steps; the run stops at the first non-finite loss.
     overrides = ["trainer.max_steps=60", "optim.lr=1e6", "trainer.gradient_clip_val=null"]
-    result = cli("lmexp.train", *RUN[:4], *overrides, in_process=True)  # the real CLI's: tests/test_cli.py
+    result = cli("lmexp.train", *RUN[:4], *overrides)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith("error: training loss is") and "at step" in lines[0]
