@@ -104,21 +104,11 @@ def config(tmp_path: Path, cache_dir: Path):
 
 
 @pytest.fixture
-def cli(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    """``cli("lmexp.train", *overrides)`` runs ``python -m ...`` as a user would, in a fresh directory.
+def cli(tmp_path: Path, cache_dir: Path):
+    """``cli("lmexp.train", *overrides)`` runs ``python -m ...`` as a user would, in a fresh directory."""
 
-    ``in_process=True`` runs the same module as ``__main__`` in this process (argv, working directory,
-    environment and stdout/stderr as a child would have them; SystemExit's code as the exit status): the
-    same path through the entry point, without the seconds of a fresh interpreter importing torch,
-    Lightning and Hydra. Each entry point keeps one real-subprocess case next to its in-process ones.
-    """
-
-    def _run(
-        *args: str, env: dict | None = None, timeout: int = 300, in_process: bool = False
-    ) -> subprocess.CompletedProcess:
+    def _run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
         full_env = {**os.environ, "LMEXP_CACHE_DIR": str(cache_dir), **(env or {})}
-        if in_process:
-            return run_module_in_process(list(args), full_env, tmp_path, monkeypatch)
         return subprocess.run(
             [sys.executable, "-m", *args],
             cwd=tmp_path,
@@ -129,70 +119,6 @@ def cli(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
         )
 
     return _run
-
-
-def run_module_in_process(
-    args: list[str], env: dict[str, str], cwd: Path, monkeypatch: pytest.MonkeyPatch
-) -> subprocess.CompletedProcess:
-    """``python -m args[0] args[1:]`` run with runpy in this process; what it printed and its exit status.
-
-    An uncaught exception ends as it would in a child: its traceback on stderr, status 1. Process-wide
-    state the command changes is put back (logging handlers Hydra installs, lmexp.cli's entry module), so
-    the next test in this worker starts as before.
-    """
-    import contextlib
-    import io
-    import logging
-    import runpy
-    import traceback
-    import warnings
-
-    from lmexp import cli as lmexp_cli
-
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [args[0], *args[1:]])
-    root = logging.getLogger()
-    handlers, entry, environ = root.handlers[:], lmexp_cli._entry_module[:], dict(os.environ)
-    levels = {logger: logger.level for logger in _loggers()}
-    out, err = io.StringIO(), io.StringIO()
-    status: int = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                with warnings.catch_warnings():  # runpy warns that lmexp.<command> was imported before
-                    warnings.filterwarnings("ignore", r".*found in sys\.modules", RuntimeWarning)
-                    runpy.run_module(args[0], run_name="__main__", alter_sys=True)
-            except SystemExit as stop:
-                status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-                if not isinstance(stop.code, int | None):
-                    print(stop.code, file=sys.stderr)  # as the interpreter reports a non-int exit
-            except Exception:
-                status = 1
-                traceback.print_exc(file=sys.stderr)
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()  # Hydra's file handler on the run's log
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        for logger in _loggers():
-            logger.setLevel(levels.get(logger, logging.NOTSET))
-        lmexp_cli._entry_module[:] = entry
-        os.environ.clear()
-        os.environ.update(environ)  # also drops variables the command set for itself (WANDB_SILENT)
-    return subprocess.CompletedProcess([sys.executable, "-m", *args], status, out.getvalue(), err.getvalue())
-
-
-def _loggers() -> list:
-    """The root logger and every named one created so far."""
-    import logging
-
-    named = logging.Logger.manager.loggerDict.values()
-    return [logging.getLogger(), *(logger for logger in named if isinstance(logger, logging.Logger))]
 
 
 @pytest.fixture(scope="session")

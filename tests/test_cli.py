@@ -111,14 +111,14 @@ CASES = {
 }
 
 
-# Every case runs lmexp.train in-process (the cli fixture's in_process: the module as __main__, argv, cwd
-# and environment as a child's) to skip a fresh interpreter's imports per case; the real-subprocess case
-# below runs a composition error and a data error through ``python -m lmexp.train`` itself, so the
-# in-process path is checked against the real CLI for both kinds of failure.
-REAL_SUBPROCESS_CASES = ("unknown key", "missing file")
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line(case, cli, tmp_path, cache_dir):
+    overrides, culprit = CASES[case]
+    files = _files(tmp_path)
+    args = [o.format(**files) for o in overrides]
+    result = cli("lmexp.train", "debug=fast", "logger=csv", *args, timeout=120)
 
-
-def _assert_one_clear_line(result, culprit: str, tmp_path: Path, cache_dir: Path) -> None:
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -130,29 +130,8 @@ def _assert_one_clear_line(result, culprit: str, tmp_path: Path, cache_dir: Path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_clear_line(case, cli, tmp_path, cache_dir):
-    overrides, culprit = CASES[case]
-    files = _files(tmp_path)
-    args = [o.format(**files) for o in overrides]
-    result = cli("lmexp.train", "debug=fast", "logger=csv", *args, in_process=True)
-    _assert_one_clear_line(result, culprit, tmp_path, cache_dir)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", REAL_SUBPROCESS_CASES)
-def test_the_real_cli_reports_as_the_in_process_one(case, cli, tmp_path, cache_dir):
-    overrides, culprit = CASES[case]
-    args = [o.format(**_files(tmp_path)) for o in overrides]
-    real = cli("lmexp.train", "debug=fast", "logger=csv", *args, timeout=120)
-    _assert_one_clear_line(real, culprit, tmp_path, cache_dir)
-    in_process = cli("lmexp.train", "debug=fast", "logger=csv", *args, in_process=True)
-    assert (in_process.returncode, in_process.stderr) == (real.returncode, real.stderr)
-
-
-@pytest.mark.slow
 def test_full_error_shows_traceback(cli):
-    result = cli("lmexp.train", "debug=fast", "optim.lr=-1", env={"HYDRA_FULL_ERROR": "1"}, in_process=True)
+    result = cli("lmexp.train", "debug=fast", "optim.lr=-1", env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "optim.lr" in result.stderr
 
@@ -178,9 +157,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Pat
     ids=["tokenizer", "model"],
 )
 def test_checkpoint_that_does_not_fit_the_run(cli, tmp_path, checkpoint, overrides, culprit):
-    result = cli(
-        "lmexp.train", "debug=fast", "logger=csv", f"ckpt_path={checkpoint}", *overrides, in_process=True
-    )
+    result = cli("lmexp.train", "debug=fast", "logger=csv", f"ckpt_path={checkpoint}", *overrides)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f"error: ckpt_path={checkpoint}") and culprit in lines[0]

@@ -215,11 +215,7 @@ CLI_SAMPLE = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("override", "key"), CLI_SAMPLE, ids=[c[1] for c in CLI_SAMPLE])
 def test_a_sample_through_the_real_cli(cli, override, key, tmp_path: Path):
-    # The non-ASCII case goes through a real ``python -m lmexp.train`` (the OS hands argv over as bytes);
-    # the others through the same entry in-process (tests/test_cli.py checks both paths report alike).
-    in_process = override.isascii()
-    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
-    result = cli("lmexp.train", "debug=fast", run_dir, override, timeout=120, in_process=in_process)
+    result = cli("lmexp.train", "debug=fast", f"hydra.run.dir={tmp_path / 'run'}", override, timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
