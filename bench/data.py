@@ -29,8 +29,10 @@ def corpus_lines(megabytes: int) -> list[str]:
 
         grammar = build_grammar(GrammarConfig())
         documents, size, seed = [], 0, 0
+        # 20,000 documents are ~7 MB: the smoke corpus takes one batch of its size, not 7x its size
+        per_batch = min(20_000, 3_000 * megabytes)
         while size < megabytes * 1_000_000:
-            batch = generate_documents(grammar, 20_000, seed=seed)
+            batch = generate_documents(grammar, per_batch, seed=seed)
             documents += batch
             size += sum(len(d.encode()) + 2 for d in batch)
             seed += 1
