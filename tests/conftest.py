@@ -9,6 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+# pytest-xdist runs one worker per core, and torch gives each process one OpenMP thread per core: two
+# workers (and the runs they start) then keep more busy threads than there are cores, and every parallel
+# region waits at its barrier for a thread the OS has put aside, which makes tiny models many times slower.
+# Under several workers every test process (and, through the environment, every process it starts) uses one
+# thread. Set before torch is imported (below, through Lightning), as OpenMP reads it once.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
