@@ -81,8 +81,8 @@ class LanguageModelMetrics(torch.nn.Module):
         self.metrics["nll_sum"].update(nll_sum)
         self.metrics["tokens"].update((labels != IGNORE_INDEX).sum())
         self.metrics["words"].update(n_words.sum())
-        if n_bytes is not None:
-            self.metrics["bytes"].update(n_bytes.sum())
+        # No bytes (masked LM): a zero still counts as an update, so computing the sum raises no warning.
+        self.metrics["bytes"].update(n_bytes.sum() if n_bytes is not None else nll_sum.new_zeros(()))
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The split's metrics, plus ``tokens`` (predicted tokens, all ranks); ``bpb`` when bytes were
