@@ -170,6 +170,7 @@ def evaluate_sft(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, float], l
 
     from lmexp.data.sft import chat_prompt_ids
     from lmexp.inference.harness import Sampling, kv_cache_generate
+    from lmexp.models.registry import context_length
     from lmexp.tasks.generation_metrics import generation_metrics
 
     datamodule = _test_datamodule(run, cfg)
@@ -179,8 +180,7 @@ def evaluate_sft(run: RestoredRun, cfg: DictConfig) -> tuple[dict[str, float], l
     model.to(device)
     generate = kv_cache_generate(model, tokenizer.vocab_size, tokenizer.eos_id)
     greedy = Sampling(temperature=0.0)
-    # the model's context: lmexp's kinds name it max_seq_len, a model=hf model reads its config's positions
-    context = getattr(model.config, "max_seq_len", None) or getattr(model, "max_positions", None)
+    context, _ = context_length(model)
     limit = min(datamodule.block_size, context or datamodule.block_size)
     max_new = int(cfg.generation.max_new_tokens)
     prompts, references, texts = [], [], []

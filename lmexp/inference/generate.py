@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lmexp.errors import ConfigError
+from lmexp.models.registry import context_length
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -141,11 +142,7 @@ def generate(cfg: DictConfig) -> list[str]:
     model, tokenizer = run.task.model, run.tokenizer
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     prompt_ids = [tokenizer.eos_id, *tokenizer.encode([cfg.prompt])[0]]
-    # lmexp's kinds: model.max_seq_len; a model=hf model: its transformers config's positions (checked here
-    # too, so a too-long request fails before any sampling, not in the middle of it)
-    limit, name = getattr(model.config, "max_seq_len", None), "max_seq_len"
-    if limit is None:
-        limit, name = getattr(model, "max_positions", None), "max_position_embeddings"
+    limit, name = context_length(model)  # checked before sampling, so a long request never fails midway
     if limit is not None and len(prompt_ids) + cfg.max_new_tokens - 1 > limit:
         raise ConfigError(
             f"the prompt ({len(prompt_ids)} tokens with the document start) + max_new_tokens="

@@ -98,6 +98,15 @@ MODELS: dict[str, ModelSpec] = {
 }  # fmt: skip
 
 
+def context_length(model: Any) -> tuple[int | None, str]:
+    """The longest sequence ``model`` (a built model) takes, and the setting that names it:
+    ``max_seq_len`` of lmexp's kinds, ``max_position_embeddings`` of a model=hf model; None when unbounded."""
+    limit = getattr(model.config, "max_seq_len", None)
+    if limit is not None:
+        return limit, "max_seq_len"
+    return getattr(model, "max_positions", None), "max_position_embeddings"
+
+
 def spec_for_target(target: str) -> ModelSpec:
     """The spec whose config class is ``target`` (a ``_target_`` string)."""
     for spec in MODELS.values():
