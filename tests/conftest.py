@@ -111,12 +111,37 @@ def config(tmp_path: Path, cache_dir: Path):
     return _make
 
 
-@pytest.fixture
-def cli(tmp_path: Path, cache_dir: Path):
-    """``cli("lmexp.train", *overrides)`` runs ``python -m ...`` as a user would, in a fresh directory."""
+@pytest.fixture(scope="session")
+def zygote():
+    """A warm interpreter that forks a child per command (tests/zygote.py), started on first use."""
+    from tests.zygote import Zygote
 
-    def _run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    server: list[Zygote] = []
+
+    def _get() -> Zygote:
+        if not server:
+            server.append(Zygote())
+        return server[0]
+
+    yield _get
+    for started in server:
+        started.close()
+
+
+@pytest.fixture
+def cli(tmp_path: Path, cache_dir: Path, zygote):
+    """``cli("lmexp.train", *overrides)`` runs ``python -m ...`` as a user would, in a fresh directory.
+
+    ``forked=True`` runs it as a child forked from a warm interpreter (tests/zygote.py): a real process
+    without the ~11 s of imports; for cases that stop at a bad input before any work.
+    """
+
+    def _run(
+        *args: str, env: dict | None = None, timeout: int = 300, forked: bool = False
+    ) -> subprocess.CompletedProcess:
         full_env = {**os.environ, "LMEXP_CACHE_DIR": str(cache_dir), **(env or {})}
+        if forked:
+            return zygote().run(list(args), tmp_path, full_env, timeout)
         return subprocess.run(
             [sys.executable, "-m", *args],
             cwd=tmp_path,

@@ -1,7 +1,11 @@
-"""Bad input through the real CLI: one line naming the culprit, non-zero exit, no traceback, no debris."""
+"""Bad input through the CLI: one line naming the culprit, non-zero exit, no traceback, no debris.
+
+The cases run forked from a warm interpreter (tests/zygote.py);
+test_a_forked_case_reports_exactly_as_a_real_process checks that a real ``python -m`` prints the same."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -117,7 +121,7 @@ def test_bad_input_is_one_clear_line(case, cli, tmp_path, cache_dir):
     overrides, culprit = CASES[case]
     files = _files(tmp_path)
     args = [o.format(**files) for o in overrides]
-    result = cli("lmexp.train", "debug=fast", "logger=csv", *args, timeout=120)
+    result = cli("lmexp.train", "debug=fast", "logger=csv", *args, timeout=120, forked=True)
 
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -127,6 +131,22 @@ def test_bad_input_is_one_clear_line(case, cli, tmp_path, cache_dir):
     leftovers = [p for p in [*tmp_path.rglob("*"), *cache_dir.rglob("*")] if ".tmp" in p.name]
     assert not leftovers
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["wrong type", "corrupt parquet", "missing checkpoint"])
+def test_a_forked_case_reports_exactly_as_a_real_process(case, cli, tmp_path):
+    """The bad-input cases run forked from a warm interpreter (tests/zygote.py); a real ``python -m``
+    prints the same bytes and exits with the same status."""
+    files = _files(tmp_path)
+    args = ["lmexp.train", "debug=fast", "logger=csv", *(o.format(**files) for o in CASES[case][0])]
+    caches = [{"LMEXP_CACHE_DIR": str(tmp_path / name)} for name in ("real", "forked")]  # both start cold
+    real, forked = cli(*args, env=caches[0], timeout=120), cli(*args, env=caches[1], timeout=120, forked=True)
+
+    def printed(result):  # without the log lines' timestamps
+        return result.returncode, re.sub(r"(?m)^\[[\d\-: ,]+\]", "", result.stdout), result.stderr
+
+    assert printed(forked) == printed(real)
 
 
 @pytest.mark.slow
@@ -157,7 +177,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Pat
     ids=["tokenizer", "model"],
 )
 def test_checkpoint_that_does_not_fit_the_run(cli, tmp_path, checkpoint, overrides, culprit):
-    result = cli("lmexp.train", "debug=fast", "logger=csv", f"ckpt_path={checkpoint}", *overrides)
+    result = cli(
+        "lmexp.train", "debug=fast", "logger=csv", f"ckpt_path={checkpoint}", *overrides, forked=True
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f"error: ckpt_path={checkpoint}") and culprit in lines[0]

@@ -215,7 +215,10 @@ CLI_SAMPLE = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("override", "key"), CLI_SAMPLE, ids=[c[1] for c in CLI_SAMPLE])
 def test_a_sample_through_the_real_cli(cli, override, key, tmp_path: Path):
-    result = cli("lmexp.train", "debug=fast", f"hydra.run.dir={tmp_path / 'run'}", override, timeout=120)
+    # Non-ASCII through a real ``python -m`` (the OS hands argv over as bytes); the rest forked
+    # from a warm interpreter (tests/zygote.py).
+    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
+    result = cli("lmexp.train", "debug=fast", run_dir, override, timeout=120, forked=override.isascii())
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

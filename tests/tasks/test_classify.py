@@ -128,7 +128,12 @@ def test_cli_error_is_one_line(cli, tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"text": "a", "label": "x"}\n{"text": "b" "label": "y"}\n')
     result = cli(
-        "lmexp.train", "task=classify", "data=jsonl", f"data.train_path={bad}", f"data.val_path={bad}"
+        "lmexp.train",
+        "task=classify",
+        "data=jsonl",
+        f"data.train_path={bad}",
+        f"data.val_path={bad}",
+        forked=True,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -128,6 +128,7 @@ def test_bad_squad_rows_are_one_line_from_the_cli(cli, tmp_path, change, message
         "data=squad",
         f"data.train_path={path}",
         f"data.val_path={path}",
+        forked=True,
     )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]

@@ -179,7 +179,8 @@ def test_sft_trains_and_eval_scores_generated_completions(sft_run, cli, tmp_path
 )
 def test_bad_sft_rows_are_one_line_from_the_cli(cli, tmp_path, row, message):
     path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}, row])
-    result = cli("lmexp.train", "task=sft", "data=sft", f"data.train_path={path}", f"data.val_path={path}")
+    args = ["task=sft", "data=sft", f"data.train_path={path}", f"data.val_path={path}"]
+    result = cli("lmexp.train", *args, forked=True)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: data.train_path: {path} line 2") and message in last, last

@@ -114,7 +114,10 @@ def test_ema_and_early_stopping_survive_kill9_and_resume(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_early_stopping_on_an_unlogged_metric_is_one_line_from_the_cli(cli):
     result = cli(
-        "lmexp.train", "callbacks=[default,early_stopping]", "callbacks.early_stopping.monitor=val/f1"
+        "lmexp.train",
+        "callbacks=[default,early_stopping]",
+        "callbacks.early_stopping.monitor=val/f1",
+        forked=True,
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

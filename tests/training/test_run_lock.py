@@ -209,7 +209,7 @@ def test_a_second_run_on_a_held_dir_stops_at_once_through_the_cli(tmp_path, cli)
     run_dir = tmp_path / "same"
     holder = _hold_in_process(run_dir)  # the first run, still going
     try:
-        result = cli("lmexp.train", "debug=fast", f"hydra.run.dir={run_dir}", timeout=120)
+        result = cli("lmexp.train", "debug=fast", f"hydra.run.dir={run_dir}", timeout=120, forked=True)
     finally:
         holder.kill()
         holder.wait()

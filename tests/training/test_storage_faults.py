@@ -162,7 +162,7 @@ def test_token_shards_over_the_size_limit_are_one_line_and_leave_nothing(tmp_pat
 @pytest.mark.slow
 def test_a_read_only_output_dir_is_one_line_through_the_cli(tmp_path, cli):
     with tmpfs(tmp_path / "ro", "ro,size=64k") as read_only:
-        result = cli("lmexp.train", "debug=fast", f"hydra.run.dir={read_only}/run", timeout=120)
+        result = cli("lmexp.train", "debug=fast", f"hydra.run.dir={read_only}/run", timeout=120, forked=True)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
