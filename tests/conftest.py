@@ -133,7 +133,7 @@ def cli(tmp_path: Path, cache_dir: Path, zygote):
     """``cli("lmexp.train", *overrides)`` runs ``python -m ...`` as a user would, in a fresh directory.
 
     ``forked=True`` runs it as a child forked from a warm interpreter (tests/zygote.py): a real process
-    without the ~11 s of imports; for cases that stop at a bad input before any work.
+    without the ~12 s of imports; for cases that stop at a bad input before any work.
     """
 
     def _run(

@@ -1,6 +1,6 @@
 """Run ``python -m <module> <args>`` as a child forked from a warm interpreter: faster bad-input CLI cases.
 
-Why: on CI's two cores a bad-input case of ``lmexp.train`` takes ~15 s, of which ~11 s is importing torch,
+Why: on CI's two cores a bad-input case of ``lmexp.train`` takes ~15 s, of which ~12 s is importing torch,
 Lightning and torchmetrics before the one-line error. :class:`Zygote` is a server process (one per pytest
 worker) that imports them once; for each command it forks a child that sets the command's working
 directory, environment, argv and stdout/stderr files, then runs the module as ``__main__`` (runpy) and exits
